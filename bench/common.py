@@ -1,0 +1,90 @@
+"""Shared benchmark plumbing (see ../shared/BENCHMARKING.md): timing, ceilings, results.
+
+Every bench script: measures the device's ceilings in the same process, times each
+implementation side by side with `time_ms`, reports the floor (FLOPs and bytes over the
+ceilings) beside the measured time, and writes bench/results/<name>-<device>.json plus a
+markdown table with `write_results`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import re
+import sys
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def require_cuda(script: str) -> None:
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (these are GPU kernel benchmarks); run it on the GPU machine")
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() after warm-up (triton.testing.do_bench, which flushes L2)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def peak_memory_mb(fn) -> float:
+    """Peak CUDA memory allocated during fn(), above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_ceilings(dtype=torch.bfloat16) -> dict:
+    """Measured matmul TFLOP/s (8192^3 GEMM in `dtype`) and copy bandwidth (1 GiB copy), GB/s."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b)
+    src = torch.randn(2**28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
+
+
+def floor_ms(flops: float, bytes_moved: float, ceilings: dict) -> float:
+    """The time below which nothing can go: max(FLOPs / matmul peak, bytes / copy bandwidth)."""
+    return max(flops / (ceilings["matmul_tflops"] * 1e9), bytes_moved / (ceilings["copy_gbps"] * 1e6))
+
+
+def device_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_results(name: str, rows: list[dict], meta: dict | None = None, out_dir=None) -> pathlib.Path:
+    """Write <name>-<device>.json and .md; rows are flat dicts (one per shape/implementation)."""
+    import triton
+
+    out_dir = pathlib.Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        **(meta or {}),
+        "rows": rows,
+    }
+    stem = out_dir / f"{name}-{device_slug()}"
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    header = f"# {name} on {payload['device']} (torch {payload['torch']}, triton {payload['triton']}, {payload['date']})\n\n"
+    stem.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
+    print(header + "\n".join(lines))
+    return stem.with_suffix(".json")
