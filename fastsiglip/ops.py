@@ -70,20 +70,30 @@ def _use_kernel(op: str, x: torch.Tensor, unsupported: str | None) -> bool:
     return True
 
 
-def _dtype_problem(x: torch.Tensor) -> str | None:
-    return None if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype}"
+def _dtype_problem(x: torch.Tensor, *params, allow_float32_params=False) -> str | None:
+    """Why the kernels can't take x (and its parameters) as they are, or None.
+
+    The kernels take one dtype throughout; mixed dtypes (e.g. bf16 activations with float32
+    weights under torch.autocast) go to the reference, which follows autocast's rules.
+    """
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype}"
+    for p in params:
+        if p is not None and p.dtype != x.dtype and not (allow_float32_params and p.dtype == torch.float32):
+            return f"mixed dtypes (input {x.dtype}, parameter {p.dtype}; e.g. under torch.autocast)"
+    return None
 
 
 def layer_norm(x, weight, bias, eps=1e-6, residual=None):
     """See reference.layer_norm."""
-    if _use_kernel("layer_norm", x, _dtype_problem(x)):
+    if _use_kernel("layer_norm", x, _dtype_problem(x, weight, bias, residual, allow_float32_params=True)):
         return _kernels().layer_norm(x, weight, bias, eps, residual)
     return reference.layer_norm(x, weight, bias, eps, residual)
 
 
 def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
     """See reference.mlp."""
-    if _use_kernel("mlp", x, _dtype_problem(x)):
+    if _use_kernel("mlp", x, _dtype_problem(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)):
         return _kernels().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     return reference.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
 
@@ -92,14 +102,14 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
               softmax_scale=None):
     """See reference.attention."""
     head_dim = q.shape[-1]
-    problem = _dtype_problem(q) or (None if head_dim in ATTENTION_HEAD_DIMS else f"head dim {head_dim}")
+    problem = _dtype_problem(q, k, v) or (None if head_dim in ATTENTION_HEAD_DIMS else f"head dim {head_dim}")
     fn = _kernels().attention if _use_kernel("attention", q, problem) else reference.attention
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
 
 
 def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=None):
     """See reference.sigmoid_loss."""
-    if _use_kernel("sigmoid_loss", image_embeds, _dtype_problem(image_embeds)):
+    if _use_kernel("sigmoid_loss", image_embeds, _dtype_problem(image_embeds, text_embeds)):
         return _kernels().sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size)
     return reference.sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size)
 

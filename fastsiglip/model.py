@@ -1,0 +1,636 @@
+"""The SigLIP / SigLIP 2 network, top-down, in plain PyTorch over `fastsiglip.ops`.
+
+Reads in order: outputs, embeddings (FixRes patches, NaFlex patches, text), attention, MLP,
+encoder layer, encoder, MAP pooling head, vision tower, text tower, the two-tower model, the
+tower-only models and the image-classification model, then `build`.
+
+Parameter names and shapes are those of transformers' state dicts (`vision_model.*`,
+`text_model.*`, `logit_scale`, `logit_bias`, `classifier.*`); there are no buffers, so a model
+built under `torch.device("meta")` is complete once the checkpoint tensors are assigned.
+
+Two layouts of tokens reach attention:
+- dense: [B, N, C], every token real (FixRes images, text without a mask);
+- varlen (FlashAttention's convention): packed tokens plus int32 `cu_seqlens`. NaFlex images
+  are packed ONCE from `pixel_attention_mask` and the whole encoder runs on the real tokens
+  [T, C]; padded positions of `last_hidden_state` are zeros (transformers computes them and
+  never uses them). Masked text keeps every query (transformers pools the last position, which
+  may be padding) and packs only the keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import ModelConfig, TextConfig, VisionConfig
+
+INIT_STD = 0.02  # normal init of every weight matrix and embedding of a random-weight model
+LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper (Zhai et al. 2023), sec. 3.2: t' = log 10
+LOGIT_BIAS_INIT = -10.0  # and b = -10
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: dataclasses that also read like transformers' ModelOutput (out["key"], keys()).
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelOutput:
+    """Field access (`out.logits`), key access (`out["logits"]`), and `to_tuple()` of the
+    fields that are set, as transformers' outputs allow."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; it has {self.keys()}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+
+@dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None  # [B, N, C]; NaFlex: zeros at padded positions
+    pooler_output: torch.Tensor | None = None  # [B, D]
+
+
+@dataclass
+class SiglipOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None  # [B_img, B_txt]
+    logits_per_text: torch.Tensor | None = None  # [B_txt, B_img]
+    text_embeds: torch.Tensor | None = None  # [B_txt, D], L2-normalized
+    image_embeds: torch.Tensor | None = None  # [B_img, D], L2-normalized
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+
+@dataclass
+class ImageClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B, num_labels]
+
+
+class Layout(NamedTuple):
+    """How attention sees the tokens when they are not dense [B, N, C]: FlashAttention varlen.
+
+    Queries are all tokens flattened ([Tq, C]); keys are the same tokens, or the subset
+    `key_indices` of them when only some may be attended to (masked text).
+    """
+
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    cu_seqlens_k: torch.Tensor  # [B + 1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    key_indices: torch.Tensor | None = None  # [Tk] int64, into the flattened query tokens
+
+
+def _fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+    """cu_seqlens of `batch` sequences of `seqlen` tokens each: [0, N, 2N, ..., BN]."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbeddings(nn.Module):
+    """FixRes: Conv2d patches of a [B, C, H, W] image plus a learned (g x g) position grid."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.position_grid
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(self.grid**2, cfg.hidden_size)
+
+    def interpolate_pos_encoding(self, height: int, width: int, num_patches: int) -> torch.Tensor:
+        """Position grid resized to the image's (height // p, width // p) patches, [1, N, C].
+
+        As transformers' SiglipVisionEmbeddings (DINO's recipe): kept as is for a square image
+        with as many patches as positions, else bicubic resize with align_corners=False.
+        """
+        table = self.position_embedding.weight  # [g*g, C]
+        if num_patches == table.shape[0] and height == width:
+            return table[None]
+        grid = table.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
+        size = (height // self.patch_size, width // self.patch_size)
+        grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, -1, table.shape[1])
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        weight = self.patch_embedding.weight
+        x = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
+        if interpolate_pos_encoding:
+            pos = self.interpolate_pos_encoding(height, width, x.shape[1])
+        else:
+            pos = self.position_embedding.weight[None]
+        return (x + pos).contiguous()  # the sum keeps the conv's channels-first strides
+
+
+def aa_bilinear_weights(index: torch.Tensor, out_size: torch.Tensor, in_size: int) -> torch.Tensor:
+    """Weights [T, in_size] of output `index` along an axis resized from `in_size` to
+    `out_size` (both [T]) by F.interpolate(mode="bilinear", antialias=True, align_corners=False).
+
+    PyTorch's (and PIL's) antialiased resampling, aten/src/ATen/native/UpSampleKernel.cpp
+    `_compute_indices_min_size_weights_aa`, in float32 as there: scale = in / out; the triangle
+    filter max(0, 1 - |x|) is widened by `scale` when downsampling (support = max(scale, 1));
+    output i is centred at scale * (i + 0.5) and reads inputs [xmin, xmax) with
+    xmin = max(floor(center - support + 0.5), 0), xmax = min(floor(center + support + 0.5), in);
+    weights are normalized to sum 1 (which also clamps at the borders when upsampling).
+    One difference from transformers on CPU: torch's CPU kernel (2.13) returns wrong values for
+    an output width of 1 and height != input (it repeats the first row's result); this follows
+    the algorithm, i.e. what the transposed (1, h) resize gives.
+    """
+    scale = in_size / out_size.float()  # [T]
+    support = scale.clamp(min=1.0)
+    center = scale * (index.float() + 0.5)
+    xmin = torch.floor(center - support + 0.5).clamp(min=0)
+    xmax = torch.floor(center + support + 0.5).clamp(max=in_size)
+    j = torch.arange(in_size, device=index.device, dtype=torch.float32)  # [G]
+    invscale = 1.0 / support
+    w = (1.0 - ((j - center[:, None] + 0.5) * invscale[:, None]).abs()).clamp(min=0.0)  # [T, G]
+    w = w * ((j >= xmin[:, None]) & (j < xmax[:, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+class NaFlexEmbeddings(nn.Module):
+    """NaFlex: Linear patches of patchified pixels plus a learned square position grid,
+    resized per image to its (h, w) patches, computed only for the packed real tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.grid = cfg.position_grid
+        self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def positions(self, packing: ops.Packing, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """[T, C]: the grid resized to each token's image size, read at the token's place.
+
+        transformers resizes the grid once per image (a Python loop) and gives position n of
+        an image of (h, w) patches the entry (n // w, n % w), and padded places (n >= h * w)
+        entry 0. Here the separable weights of every token are built at once: the resized
+        entry is sum_ij wy[i] wx[j] grid[i, j], one [T, g*g] @ [g*g, C] product.
+        """
+        image = packing.indices // packing.seqlen  # [T] image of each token
+        n = packing.indices % packing.seqlen  # [T] place inside the (padded) image sequence
+        h, w = spatial_shapes[image, 0], spatial_shapes[image, 1]  # [T]
+        n = torch.where(n < h * w, n, 0)
+        wy = aa_bilinear_weights(n // w, h, self.grid)  # [T, g]
+        wx = aa_bilinear_weights(n % w, w, self.grid)  # [T, g]
+        table = self.position_embedding.weight
+        # transformers resizes in float32 on CPU (no low-precision antialias there); float32 here
+        # everywhere, then the model's dtype.
+        pos = (wy[:, :, None] * wx[:, None, :]).flatten(1) @ table.float()  # [T, C]
+        return pos.to(table.dtype)
+
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
+        weight = self.patch_embedding.weight
+        x = self.patch_embedding(ops.pack(pixel_values, packing).to(weight.dtype))  # [T, C]
+        return x + self.positions(packing, spatial_shapes)
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, L]
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)  # [B, L, C]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _attend(q, k, v, layout: Layout | None):
+    """ops.attention on [..., H, D] projections laid out as `layout` says; output like q."""
+    if layout is None:
+        return ops.attention(q, k, v)  # [B, N, H, D]
+    shape = q.shape
+    q, k, v = q.flatten(0, -3), k.flatten(0, -3), v.flatten(0, -3)  # [T, H, D]
+    if layout.key_indices is not None:
+        k, v = k.index_select(0, layout.key_indices), v.index_select(0, layout.key_indices)
+    out = ops.attention(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k)
+    return out.view(shape)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention, softmax scale head_dim ** -0.5."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        heads = (self.num_heads, self.head_dim)
+        q = self.q_proj(x).unflatten(-1, heads)  # [B, N, H, D] or [T, H, D]
+        k = self.k_proj(x).unflatten(-1, heads)
+        v = self.v_proj(x).unflatten(-1, heads)
+        return self.out_proj(_attend(q, k, v, layout).flatten(-2))
+
+
+class MLP(nn.Module):
+    """fc2(gelu_tanh(fc1(x))), one ops.mlp call."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual)
+
+
+def _norm(ln: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """(LN(x + residual), x + residual) through ops.layer_norm; (LN(x), x) without residual."""
+    if residual is None:
+        return ops.layer_norm(x, ln.weight, ln.bias, ln.eps), x
+    return ops.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN block: x = x + attn(LN1(x)); x = x + mlp(LN2(x)).
+
+    The residual stream travels as (delta, stream) with x = delta + stream, so that every
+    residual add happens inside the next LayerNorm (ops.layer_norm's fused residual form):
+    LN1 adds the previous block's MLP output, LN2 adds this block's attention output.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.self_attn = Attention(hidden_size, num_heads)
+        self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = MLP(hidden_size, intermediate_size)
+
+    def forward(self, delta, stream, layout: Layout | None):
+        h, stream = _norm(self.layer_norm1, delta, stream)
+        h, stream = _norm(self.layer_norm2, self.self_attn(h, layout), stream)
+        return self.mlp(h), stream
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VisionConfig | TextConfig):
+        super().__init__()
+        args = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, layout: Layout | None, final_norm: nn.LayerNorm) -> torch.Tensor:
+        """The layers, then the tower's final LayerNorm fused with the last residual add."""
+        delta, stream = x, None
+        for layer in self.layers:
+            delta, stream = layer(delta, stream, layout)
+        return _norm(final_norm, delta, stream)[0]
+
+
+class PoolingAttention(nn.Module):
+    """The parameters of the MAP head's nn.MultiheadAttention, under the same names."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))  # q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+
+class MultiheadAttentionPoolingHead(nn.Module):
+    """MAP head (big_vision's MAPHead): a learned probe attends over each image's tokens, then
+    x + mlp(LN(x)). One probe per image through varlen attention (cu_seqlens_q = 0..B)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.probe = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
+        self.attention = PoolingAttention(cfg.hidden_size)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x: [T, C] the tokens of B images packed by `cu_seqlens` [B + 1] -> [B, C]."""
+        batch, channels = cu_seqlens.numel() - 1, x.shape[-1]
+        heads = (self.num_heads, channels // self.num_heads)
+        wq, wk, wv = self.attention.in_proj_weight.chunk(3)
+        bq, bk, bv = self.attention.in_proj_bias.chunk(3)
+        q = F.linear(self.probe.reshape(1, channels), wq, bq).view(1, *heads).expand(batch, *heads)  # [B, H, D]
+        k, v = F.linear(x, wk, bk).view(-1, *heads), F.linear(x, wv, bv).view(-1, *heads)  # [T, H, D]
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=x.device)
+        out = ops.attention(q.contiguous(), k, v, cu_q, cu_seqlens, 1, max_seqlen)  # [B, H, D]
+        out = self.attention.out_proj(out.reshape(batch, channels))
+        return self.mlp(_norm(self.layernorm, out)[0], residual=out)  # [B, C]
+
+
+# ---------------------------------------------------------------------------------------------
+# Towers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_fixres_pixels(pixel_values, cfg: VisionConfig, interpolate: bool, mask, shapes) -> None:
+    if mask is not None or shapes is not None:
+        raise ValueError("pixel_attention_mask and spatial_shapes are for NaFlex (siglip2) checkpoints; this is a "
+                         "FixRes model: pass only pixel_values [batch, channels, height, width]")
+    c, p = cfg.num_channels, cfg.patch_size
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != c:
+        raise ValueError(f"pixel_values must be [batch, {c}, height, width], got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds an empty batch; pass at least one image")
+    height, width = pixel_values.shape[-2:]
+    if height < p or width < p:
+        raise ValueError(f"the image ({height}x{width}) is smaller than one {p}x{p} patch")
+    if not interpolate and (height // p, width // p) != (cfg.position_grid,) * 2:
+        raise ValueError(f"this model takes {cfg.image_size}x{cfg.image_size} images, got {height}x{width}: resize "
+                         f"them (the processor does) or pass interpolate_pos_encoding=True")
+
+
+def _check_naflex_pixels(pixel_values, cfg: VisionConfig, interpolate: bool, mask, shapes) -> None:
+    if mask is None or shapes is None:
+        raise ValueError("NaFlex (siglip2) models need pixel_attention_mask [batch, patches] and spatial_shapes "
+                         "[batch, 2] besides pixel_values, as the Siglip2 image processor returns them")
+    if interpolate:
+        raise ValueError("interpolate_pos_encoding is for FixRes models; NaFlex resizes its position embeddings "
+                         "to each image's spatial_shapes")
+    dim = cfg.num_channels * cfg.patch_size**2
+    if pixel_values.dim() != 3 or pixel_values.shape[-1] != dim:
+        raise ValueError(f"NaFlex pixel_values must be patchified, [batch, patches, {dim}] "
+                         f"(channels * patch_size**2), got shape {tuple(pixel_values.shape)}")
+    batch, patches = pixel_values.shape[:2]
+    if batch == 0 or patches == 0:
+        raise ValueError(f"pixel_values holds no patches (shape {tuple(pixel_values.shape)}); pass at least one image")
+    if tuple(mask.shape) != (batch, patches):
+        raise ValueError(f"pixel_attention_mask must be [batch, patches] = {(batch, patches)}, got {tuple(mask.shape)}")
+    if tuple(shapes.shape) != (batch, 2):
+        raise ValueError(f"spatial_shapes must be [batch, 2] = {(batch, 2)}, got {tuple(shapes.shape)}")
+    h, w = shapes[:, 0], shapes[:, 1]
+    if not bool(((h > 0) & (w > 0) & (h * w <= patches)).all()):  # one small host read per batch
+        raise ValueError(f"every spatial_shapes (h, w) must be positive with h * w <= {patches} patches, "
+                         f"got {shapes.tolist()}")
+
+
+class VisionTransformer(nn.Module):
+    """The vision tower: embeddings, encoder, post_layernorm, MAP head (both families)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = NaFlexEmbeddings(cfg) if cfg.naflex else PatchEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if cfg.vision_use_head:
+            self.head = MultiheadAttentionPoolingHead(cfg)
+
+    def forward(self, pixel_values, pixel_attention_mask=None, spatial_shapes=None, interpolate_pos_encoding=False,
+                pool: bool = True) -> BaseModelOutputWithPooling:
+        """pool=False skips the MAP head (pooler_output None), as classification needs."""
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        check = _check_naflex_pixels if self.config.naflex else _check_fixres_pixels
+        check(pixel_values, self.config, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
+        pool = pool and self.config.vision_use_head
+        if self.config.naflex:
+            packing = ops.packing_from_mask(pixel_attention_mask)
+            x = self.embeddings(pixel_values, spatial_shapes, packing)  # [T, C]
+            cu, n = packing.cu_seqlens, packing.max_seqlen
+            x = self.encoder(x, Layout(cu, cu, n, n), self.post_layernorm)  # [T, C]
+            pooled = self.head(x, cu, n) if pool else None
+            return BaseModelOutputWithPooling(ops.unpack(x, packing), pooled)  # [B, N, C], zeros at padding
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, N, C]
+        x = self.encoder(x, None, self.post_layernorm)
+        batch, n = x.shape[:2]
+        pooled = self.head(x.flatten(0, 1), _fixed_cu_seqlens(batch, n, x.device), n) if pool else None
+        return BaseModelOutputWithPooling(x, pooled)
+
+
+def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> None:
+    if input_ids is None:
+        raise ValueError("input_ids is required (token ids from the tokenizer, padded to max_length)")
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be integer [batch, length], got {input_ids.dtype} {tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}); pass at least one text")
+    if length > cfg.max_position_embeddings:
+        raise ValueError(f"input_ids has {length} tokens, more than the model's {cfg.max_position_embeddings} "
+                         f"positions: truncate to max_length={cfg.max_position_embeddings}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must have input_ids' shape {(batch, length)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if position_ids is not None and (position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length):
+        raise ValueError(f"position_ids must be [length] or [batch, length] with length {length}, "
+                         f"got {tuple(position_ids.shape)}")
+
+
+class TextTransformer(nn.Module):
+    """The text tower: embeddings, encoder, final_layer_norm, last token through `head`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.projection_size)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> BaseModelOutputWithPooling:
+        _check_text(input_ids, attention_mask, position_ids, self.config)
+        x = self.embeddings(input_ids, position_ids)  # [B, L, C]
+        layout = None
+        if attention_mask is not None:
+            # transformers masks the keys only: every query, padding included, is computed.
+            batch, length = input_ids.shape
+            keys = ops.packing_from_mask(attention_mask)
+            all_tokens = _fixed_cu_seqlens(batch, length, x.device)
+            layout = Layout(all_tokens, keys.cu_seqlens, length, length, keys.indices)
+        x = self.encoder(x, layout, self.final_layer_norm)  # [B, L, C]
+        # Pooled = the last position (SigLIP pads to max_length; it may be padding, as in transformers).
+        return BaseModelOutputWithPooling(x, self.head(x[:, -1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _init_weights(model: nn.Module) -> None:
+    """Random weights for a model built from a preset: normal(0, INIT_STD) matrices and
+    embeddings, zero biases, unit LayerNorm scales, the paper's logit scale and bias."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=INIT_STD)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PoolingAttention):
+            nn.init.normal_(m.in_proj_weight, std=INIT_STD)
+            nn.init.zeros_(m.in_proj_bias)
+        elif isinstance(m, MultiheadAttentionPoolingHead):
+            nn.init.normal_(m.probe, std=INIT_STD)
+    if isinstance(model, SiglipModel):
+        model.logit_scale.fill_(LOGIT_SCALE_INIT)
+        model.logit_bias.fill_(LOGIT_BIAS_INIT)
+
+
+def _tower_config(config: ModelConfig, name: str, cls: str):
+    tower = getattr(config, name)
+    if tower is None:
+        raise ValueError(f"{cls} needs a {name} config, and this ModelConfig ({config.architecture}) has none")
+    return tower
+
+
+class _ImageFeatures:
+    def get_image_features(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+                           interpolate_pos_encoding=False) -> torch.Tensor:
+        """The pooled image embedding [B, D] (the MAP head's output, not normalized)."""
+        if not self.vision_model.config.vision_use_head:
+            raise ValueError("this vision tower has no pooling head (vision_use_head=False), so no image embedding; "
+                             "use last_hidden_state from the forward pass")
+        return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes,
+                                 interpolate_pos_encoding).pooler_output
+
+
+class _TextFeatures:
+    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The text embedding [B, D] (the last token through `head`, not normalized)."""
+        return self.text_model(input_ids, attention_mask, position_ids).pooler_output
+
+
+class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
+    """Two towers and the sigmoid image-text logits (SigLIP 1, SigLIP 2 FixRes and NaFlex)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTransformer(_tower_config(config, "text", "SiglipModel"))
+        self.vision_model = VisionTransformer(_tower_config(config, "vision", "SiglipModel"))
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.logit_bias = nn.Parameter(torch.empty(1))
+        _init_weights(self)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                pixel_attention_mask=None, spatial_shapes=None, return_loss=None,
+                interpolate_pos_encoding=False) -> SiglipOutput:
+        if input_ids is None or pixel_values is None:
+            raise ValueError("SiglipModel needs both pixel_values and input_ids; for one tower use "
+                             "get_image_features / get_text_features")
+        vision = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding)
+        text = self.text_model(input_ids, attention_mask, position_ids)
+        if vision.pooler_output is None:
+            raise ValueError("this vision tower has no pooling head (vision_use_head=False): no image embedding")
+        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)  # [Bi, D]
+        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)  # [Bt, D]
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp() + self.logit_bias  # [Bt, Bi]
+        loss = None
+        if return_loss:
+            if image_embeds.shape[0] != text_embeds.shape[0]:
+                raise ValueError(f"return_loss needs matching pairs: {image_embeds.shape[0]} images but "
+                                 f"{text_embeds.shape[0]} texts")
+            loss = ops.sigmoid_loss(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
+        return SiglipOutput(loss, logits_per_text.t(), logits_per_text, text_embeds, image_embeds, text, vision)
+
+
+class SiglipVisionModel(nn.Module, _ImageFeatures):
+    """The vision tower alone (checkpoints *VisionModel)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionTransformer(_tower_config(config, "vision", "SiglipVisionModel"))
+        _init_weights(self)
+
+    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+                interpolate_pos_encoding=False) -> BaseModelOutputWithPooling:
+        return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding)
+
+
+class SiglipTextModel(nn.Module, _TextFeatures):
+    """The text tower alone (checkpoints *TextModel)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTransformer(_tower_config(config, "text", "SiglipTextModel"))
+        _init_weights(self)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None) -> BaseModelOutputWithPooling:
+        return self.text_model(input_ids, attention_mask, position_ids)
+
+
+class SiglipForImageClassification(nn.Module):
+    """The vision tower, mean of the patch tokens (NaFlex: of the real ones), a linear classifier."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        vision = _tower_config(config, "vision", "SiglipForImageClassification")
+        self.num_labels = config.num_labels
+        self.vision_model = VisionTransformer(vision)
+        self.classifier = nn.Linear(vision.hidden_size, self.num_labels) if self.num_labels > 0 else nn.Identity()
+        _init_weights(self)
+
+    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None,
+                interpolate_pos_encoding=False) -> ImageClassifierOutput:
+        out = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding,
+                                pool=False)
+        x = out.last_hidden_state  # [B, N, C]
+        if self.config.naflex:  # padded places are zeros: sum, then divide by the real count
+            pooled = (x.sum(1, dtype=torch.float32) / pixel_attention_mask.sum(1, keepdim=True)).to(x.dtype)
+        else:
+            pooled = x.mean(1)
+        logits = self.classifier(pooled)  # [B, num_labels]
+        return ImageClassifierOutput(None if labels is None else self._loss(logits, labels), logits)
+
+    def _loss(self, logits, labels):
+        """transformers' ForSequenceClassificationLoss, the problem type read from labels."""
+        labels = labels.to(logits.device)
+        if self.num_labels == 1:  # regression
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        if labels.dtype in (torch.long, torch.int):  # single label: class indices, -100 ignored
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))  # multi-label
+
+
+MODELS = {
+    "SiglipModel": SiglipModel,
+    "SiglipVisionModel": SiglipVisionModel,
+    "SiglipTextModel": SiglipTextModel,
+    "SiglipForImageClassification": SiglipForImageClassification,
+}
+
+
+def build(config: ModelConfig) -> nn.Module:
+    """The model class for `config.architecture`, randomly initialized (on meta: no memory)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"build() takes a fastsiglip.config.ModelConfig, got {type(config).__name__}; "
+                        "use fastsiglip.config.from_file or preset")
+    if config.architecture not in MODELS:
+        raise ValueError(f"unknown architecture {config.architecture!r}; fastsiglip builds {', '.join(MODELS)}")
+    return MODELS[config.architecture](config)

@@ -1,0 +1,434 @@
+"""fastsiglip.model against transformers: same weights (save_pretrained -> safetensors), same inputs.
+
+Random tiny checkpoints of every family and architecture are written by transformers into
+tmp_path, read back with safetensors + fastsiglip.config.from_file, loaded strictly into
+fastsiglip's model, and the outputs compared in float32 (max error 1e-5, relative for large
+values), plus bf16 against FlashAttention's tolerance rule, gradients, and input errors.
+
+NaFlex: fastsiglip runs on the packed real tokens only, so its last_hidden_state holds zeros at
+padded positions where transformers holds values it computes and never uses: those are
+compared on the real positions only.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from fastsiglip import config as fconfig  # noqa: E402
+from fastsiglip.model import aa_bilinear_weights, build  # noqa: E402
+
+ATOL = RTOL = 1e-5
+PATCH = 8
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+            max_position_embeddings=16, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+# Head dim 72 (So400m's) with patch 14, and a text length other than SigLIP's 64 / 16.
+VISION_72 = dict(VISION, hidden_size=144, intermediate_size=200, patch_size=14, image_size=42)
+TEXT_72 = dict(TEXT, hidden_size=144, intermediate_size=200, max_position_embeddings=24, vocab_size=300)
+NAFLEX_PATCHES = 16  # a 4 x 4 position grid
+# Mixed aspect ratios in a budget of 16 patches: down- and up-sampling, 1 x N, tall, padding.
+# (N x 1 images are left to the resize test: torch's CPU antialias kernel is wrong for them.)
+SPATIAL_SHAPES = [(2, 8), (4, 4), (3, 5), (1, 1), (1, 16), (6, 2)]
+# Text masks: full, right-padded, right-padded short, left-padded.
+TEXT_LENGTHS = [None, 10, 3, -5]
+
+HF_CLASSES = {  # (family, architecture) -> (transformers model class, config class)
+    ("siglip", "SiglipModel"): ("SiglipModel", "SiglipConfig"),
+    ("siglip2", "SiglipModel"): ("Siglip2Model", "Siglip2Config"),
+    ("siglip", "SiglipForImageClassification"): ("SiglipForImageClassification", "SiglipConfig"),
+    ("siglip2", "SiglipForImageClassification"): ("Siglip2ForImageClassification", "Siglip2Config"),
+    ("siglip", "SiglipVisionModel"): ("SiglipVisionModel", "SiglipVisionConfig"),
+    ("siglip2", "SiglipVisionModel"): ("Siglip2VisionModel", "Siglip2VisionConfig"),
+    ("siglip", "SiglipTextModel"): ("SiglipTextModel", "SiglipTextConfig"),
+    ("siglip2", "SiglipTextModel"): ("Siglip2TextModel", "Siglip2TextConfig"),
+}
+# transformers 5 saves the tower-only models without the tower prefix that SiglipModel's
+# checkpoints (and transformers 4's tower models) carry; fastsiglip keeps the prefix.
+TOWER_PREFIX = {"SiglipVisionModel": "vision_model.", "SiglipTextModel": "text_model."}
+
+
+def vision_kwargs(family, vision=VISION):
+    extra = {"num_patches": NAFLEX_PATCHES} if family == "siglip2" else {"image_size": vision.get("image_size", 32)}
+    return {k: v for k, v in vision.items() if k != "image_size"} | extra
+
+
+def make_hf(family, arch, vision=VISION, text=TEXT, num_labels=3, seed=0):
+    """A random transformers model with every parameter perturbed (biases, LN, logit scale too)."""
+    model_cls, config_cls = (getattr(transformers, n) for n in HF_CLASSES[(family, arch)])
+    if arch == "SiglipVisionModel":
+        cfg = config_cls(**vision_kwargs(family, vision))
+    elif arch == "SiglipTextModel":
+        cfg = config_cls(**text)
+    else:
+        cfg = config_cls(vision_config=vision_kwargs(family, vision), text_config=text, num_labels=num_labels)
+    torch.manual_seed(seed)
+    hf = model_cls(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def load_ours(hf, tmp_path):
+    """Save `hf` with save_pretrained, read it back into fastsiglip strictly (built on meta)."""
+    hf.save_pretrained(tmp_path)
+    cfg = fconfig.from_file(tmp_path / "config.json")
+    sd = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    prefix = TOWER_PREFIX.get(cfg.architecture)
+    if prefix:
+        sd = {k if k.startswith(prefix) else prefix + k: v for k, v in sd.items()}
+    with torch.device("meta"):  # as fastsiglip's loader does: no memory, then the tensors assigned
+        ours = build(cfg)
+    ours.load_state_dict(sd, strict=True, assign=True)
+    assert not any(p.is_meta for p in ours.parameters())
+    return ours.eval()
+
+
+def close(name, ours, theirs, atol=ATOL, rtol=RTOL):
+    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def fixres_pixels(batch, size=32, seed=1):
+    return torch.randn(batch, 3, *((size, size) if isinstance(size, int) else size),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def naflex_pixels(shapes=SPATIAL_SHAPES, patches=NAFLEX_PATCHES, patch=PATCH, seed=1):
+    """Patchified pixels as the Siglip2 processor lays them out: real patches first, then padding."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(shapes), patches, dtype=torch.int32)
+    for i, (h, w) in enumerate(shapes):
+        mask[i, : h * w] = 1
+    return {"pixel_values": torch.randn(len(shapes), patches, 3 * patch * patch, generator=gen),
+            "pixel_attention_mask": mask, "spatial_shapes": torch.tensor(shapes, dtype=torch.int64)}
+
+
+def text_inputs(batch, length=16, vocab=100, masked=False, seed=2):
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    if not masked:
+        return {"input_ids": ids}
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    for i, n in enumerate((TEXT_LENGTHS * batch)[:batch]):
+        if n is not None and n >= 0:
+            mask[i, n:] = 0
+        elif n is not None:
+            mask[i, :-n] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def compare_vision(name, ours, theirs, mask=None):
+    """last_hidden_state (real positions only for NaFlex) and pooler_output."""
+    a, b = ours.last_hidden_state, theirs.last_hidden_state
+    if mask is not None:
+        keep = mask.bool()
+        assert (a[~keep] == 0).all(), f"{name}: padded positions of last_hidden_state are not zero"
+        a, b = a[keep], b[keep]
+    close(f"{name} last_hidden_state", a, b)
+    if theirs.pooler_output is not None:
+        close(f"{name} pooler_output", ours.pooler_output, theirs.pooler_output)
+
+
+def compare_two_tower(ours, theirs, mask=None):
+    for key in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+        close(key, ours[key], theirs[key])
+    compare_vision("vision", ours.vision_model_output, theirs.vision_model_output, mask)
+    text, text_ref = ours.text_model_output, theirs.text_model_output
+    close("text last_hidden_state", text.last_hidden_state, text_ref.last_hidden_state)
+    close("text pooler_output", ours.text_model_output.pooler_output, theirs.text_model_output.pooler_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaFlex position-embedding resize: antialiased bilinear weights as tensors vs F.interpolate.
+# ---------------------------------------------------------------------------------------------
+
+
+def interpolate_aa(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@pytest.mark.parametrize("grid", [1, 4, 5, 16])
+def test_aa_bilinear_weights_match_interpolate(grid):
+    table = torch.randn(1, 7, grid, grid, dtype=torch.float32)  # [1, C, g, g]
+    sizes = [(1, 1), (1, 9), (9, 1), (2, 8), (3, 5), (grid, grid), (grid + 3, grid - 1 or 1), (1, 40),
+             (33, 2), (2 * grid, 3 * grid), (max(grid // 3, 1), grid // 2 + 1), (17, 13)]
+    for h, w in sizes:
+        if w == 1 and h != grid:
+            # PyTorch's CPU antialias kernel (torch 2.13) is wrong for an output width of 1: it
+            # repeats the first row's result. The resize commutes with transposition, so the
+            # oracle there is the transposed (1, h) resize, which that kernel gets right.
+            expected = interpolate_aa(table.transpose(2, 3), (w, h)).transpose(2, 3)
+        else:
+            expected = interpolate_aa(table, (h, w))
+        wy = aa_bilinear_weights(torch.arange(h), torch.full((h,), h), grid)  # [h, g]
+        wx = aa_bilinear_weights(torch.arange(w), torch.full((w,), w), grid)  # [w, g]
+        ours = torch.einsum("yi,xj,cij->cyx", wy, wx, table[0])[None]
+        close(f"resize {grid}x{grid} -> {h}x{w}", ours, expected, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-tower models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "textmask"])
+@pytest.mark.parametrize("variant", ["siglip1", "siglip2-fixres-hd72"])
+def test_fixres_two_tower(tmp_path, variant, masked):
+    """SigLIP 1 and SigLIP 2 FixRes share model_type "siglip"; the second with So400m's head dim."""
+    vision, text = (VISION, TEXT) if variant == "siglip1" else (VISION_72, TEXT_72)
+    hf = make_hf("siglip", "SiglipModel", vision, text)
+    ours = load_ours(hf, tmp_path)
+    size = vision.get("image_size", 32)
+    inputs = dict(pixel_values=fixres_pixels(4, size), **text_inputs(4, text["max_position_embeddings"],
+                                                                     text["vocab_size"], masked))
+    with torch.no_grad():
+        out, ref = ours(**inputs, return_loss=True), hf(**inputs, return_loss=True)
+        compare_two_tower(out, ref)
+        close("loss", out.loss, ref.loss)
+        close("get_image_features", ours.get_image_features(pixel_values=inputs["pixel_values"]),
+              hf.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        close("get_text_features", ours.get_text_features(**text_only), hf.get_text_features(**text_only).pooler_output)
+
+
+@pytest.mark.parametrize("size", [(48, 40), (40, 40), (32, 32)])
+def test_fixres_interpolate_pos_encoding(tmp_path, size):
+    hf = make_hf("siglip", "SiglipModel")
+    ours = load_ours(hf, tmp_path)
+    inputs = dict(pixel_values=fixres_pixels(2, size), **text_inputs(2), interpolate_pos_encoding=True)
+    with torch.no_grad():
+        compare_two_tower(ours(**inputs), hf(**inputs))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "textmask"])
+def test_naflex_two_tower(tmp_path, masked):
+    hf = make_hf("siglip2", "SiglipModel")
+    ours = load_ours(hf, tmp_path)
+    pixels = naflex_pixels()
+    inputs = dict(**pixels, **text_inputs(len(SPATIAL_SHAPES), masked=masked))
+    with torch.no_grad():
+        out, ref = ours(**inputs, return_loss=True), hf(**inputs, return_loss=True)
+        compare_two_tower(out, ref, pixels["pixel_attention_mask"])
+        close("loss", out.loss, ref.loss)
+        close("get_image_features", ours.get_image_features(**pixels), hf.get_image_features(**pixels).pooler_output)
+
+
+def test_naflex_gradients(tmp_path):
+    """Every parameter's gradient of the sigmoid loss, packed NaFlex and masked text included."""
+    hf = make_hf("siglip2", "SiglipModel")
+    ours = load_ours(hf, tmp_path)
+    inputs = dict(**naflex_pixels(), **text_inputs(len(SPATIAL_SHAPES), masked=True), return_loss=True)
+    ours(**inputs).loss.backward()
+    hf(**inputs).loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        close(f"grad {name}", p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_ops_get_contiguous_inputs(monkeypatch, family):
+    """What the model hands to fastsiglip.ops is what kernels want: contiguous tensors, int32
+    cu_seqlens of length B + 1, python-int max_seqlen."""
+    from fastsiglip import ops
+
+    seen = []
+
+    def spy(name, fn):
+        def wrapper(*args, **kwargs):
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, torch.Tensor):
+                    assert a.is_contiguous(), f"{name} got a non-contiguous {tuple(a.shape)} tensor"
+            if name == "attention" and len(args) > 3:
+                assert args[3].dtype == args[4].dtype == torch.int32 and args[3].numel() == args[4].numel()
+                assert isinstance(args[5], int) and isinstance(args[6], int)
+            seen.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("layer_norm", "mlp", "attention", "sigmoid_loss"):
+        monkeypatch.setattr(ops, name, spy(name, getattr(ops, name)))
+    model = _tiny(family)
+    pixels = naflex_pixels() if family == "siglip2" else {"pixel_values": fixres_pixels(3, (48, 40)),
+                                                          "interpolate_pos_encoding": True}
+    batch = pixels["pixel_values"].shape[0]
+    model(**pixels, **text_inputs(batch, masked=True), return_loss=True).loss.backward()
+    assert set(seen) == {"layer_norm", "mlp", "attention", "sigmoid_loss"}
+
+
+def test_output_objects(tmp_path):
+    hf = make_hf("siglip", "SiglipModel")
+    ours = load_ours(hf, tmp_path)
+    with torch.no_grad():
+        out = ours(pixel_values=fixres_pixels(2), **text_inputs(2))
+    assert out["logits_per_image"] is out.logits_per_image
+    assert out["vision_model_output"]["pooler_output"] is out.vision_model_output.pooler_output
+    assert "loss" not in out and out.keys()[0] == "logits_per_image"
+    with pytest.raises(KeyError, match="loss"):
+        out["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tower-only and classification models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_vision_model(tmp_path, family):
+    hf = make_hf(family, "SiglipVisionModel")
+    ours = load_ours(hf, tmp_path)
+    inputs = naflex_pixels() if family == "siglip2" else {"pixel_values": fixres_pixels(3)}
+    with torch.no_grad():
+        compare_vision("vision", ours(**inputs), hf(**inputs), inputs.get("pixel_attention_mask"))
+        close("get_image_features", ours.get_image_features(**inputs), hf(**inputs).pooler_output)
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_text_model(tmp_path, family):
+    hf = make_hf(family, "SiglipTextModel", text=TEXT_72)
+    ours = load_ours(hf, tmp_path)
+    for masked in (False, True):
+        inputs = text_inputs(4, 24, 300, masked)
+        # position_ids given explicitly (as a [1, L] row, shifted) must be used, not re-derived.
+        positions = {"position_ids": torch.arange(24)[None].flip(1)}
+        with torch.no_grad():
+            for extra in ({}, positions):
+                out, ref = ours(**inputs, **extra), hf(**inputs, **extra)
+                close("text last_hidden_state", out.last_hidden_state, ref.last_hidden_state)
+                close("text pooler_output", out.pooler_output, ref.pooler_output)
+            close("get_text_features", ours.get_text_features(**inputs), hf(**inputs).pooler_output)
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_classification(tmp_path, family):
+    hf = make_hf(family, "SiglipForImageClassification", num_labels=5)
+    ours = load_ours(hf, tmp_path)
+    assert ours.config.num_labels == 5
+    inputs = naflex_pixels() if family == "siglip2" else {"pixel_values": fixres_pixels(3)}
+    labels = torch.arange(inputs["pixel_values"].shape[0]) % 5
+    with torch.no_grad():
+        out, ref = ours(**inputs, labels=labels), hf(**inputs, labels=labels)
+    close("logits", out.logits, ref.logits)
+    close("loss", out.loss, ref.loss)
+    assert ours(**inputs).loss is None
+    # Multi-label (float multi-hot labels): binary cross-entropy. transformers remembers the
+    # problem type from its first call, so it is reset for the second.
+    hf.config.problem_type = None
+    multi_hot = torch.rand(labels.shape[0], 5, generator=torch.Generator().manual_seed(3)).round()
+    with torch.no_grad():
+        close("multi-label loss", ours(**inputs, labels=multi_hot).loss, hf(**inputs, labels=multi_hot).loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on CPU: FlashAttention's rule (error vs float32 at most twice transformers' own in bf16).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_bf16_fa_rule(tmp_path, family, fa_rule):
+    hf = make_hf(family, "SiglipModel")
+    ours = load_ours(hf, tmp_path).to(torch.bfloat16)
+    hf_lowp = make_hf(family, "SiglipModel").to(torch.bfloat16)
+    hf_lowp.load_state_dict(hf.state_dict())
+    pixels = naflex_pixels() if family == "siglip2" else {"pixel_values": fixres_pixels(4)}
+    inputs = dict(**pixels, **text_inputs(pixels["pixel_values"].shape[0], masked=True))
+    with torch.no_grad():
+        out, exact, lowp = ours(**inputs), hf(**inputs), hf_lowp(**inputs)
+    keep = pixels.get("pixel_attention_mask", torch.ones(out.vision_model_output.last_hidden_state.shape[:2])).bool()
+    for key in ("logits_per_image", "image_embeds", "text_embeds"):
+        fa_rule(key, out[key].float(), exact[key], lowp[key].float())
+    for tower in ("vision_model_output", "text_model_output"):
+        fa_rule(f"{tower} pooler_output", out[tower].pooler_output.float(), exact[tower].pooler_output,
+                lowp[tower].pooler_output.float())
+    fa_rule("vision last_hidden_state", out.vision_model_output.last_hidden_state[keep].float(),
+            exact.vision_model_output.last_hidden_state[keep], lowp.vision_model_output.last_hidden_state[keep].float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction: meta device, no buffers, the presets' parameter names and shapes = transformers'
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["siglip-so400m-patch14-384", "siglip2-giant-opt-patch16-256",
+                                  "siglip2-base-patch16-naflex"])
+def test_preset_meta_matches_transformers(name):
+    cfg = fconfig.preset(name)
+    with torch.device("meta"):
+        ours = build(cfg)
+        d = fconfig.to_dict(cfg)
+        model_cls, config_cls = (getattr(transformers, n) for n in HF_CLASSES[(cfg.family, "SiglipModel")])
+        hf = model_cls(config_cls(vision_config=d["vision_config"], text_config=d["text_config"]))
+    assert list(ours.buffers()) == []
+    assert all(p.is_meta for p in ours.parameters())
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+
+
+def test_random_init_is_usable():
+    cfg = fconfig.ModelConfig(
+        "siglip2", "SiglipModel", fconfig.VisionConfig(**vision_kwargs("siglip2"), naflex=True),
+        fconfig.TextConfig(**{k: v for k, v in TEXT.items() if not k.endswith("_token_id")}))
+    model = build(cfg)
+    assert math.isclose(model.logit_scale.item(), math.log(10.0), rel_tol=1e-6) and model.logit_bias.item() == -10.0
+    with torch.no_grad():
+        out = model(**naflex_pixels(), **text_inputs(len(SPATIAL_SHAPES)))
+    assert torch.isfinite(out.logits_per_image).all()
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(len(SPATIAL_SHAPES)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: clear errors that say what to do.
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny(family):
+    naflex = family == "siglip2"
+    vision = fconfig.VisionConfig(**vision_kwargs(family), naflex=naflex)
+    text = fconfig.TextConfig(**{k: v for k, v in TEXT.items() if not k.endswith("_token_id")})
+    return build(fconfig.ModelConfig(family, "SiglipModel", vision, text))
+
+
+def test_errors_naflex():
+    model = _tiny("siglip2")
+    px = naflex_pixels()
+    with pytest.raises(ValueError, match="pixel_attention_mask"):
+        model.get_image_features(pixel_values=px["pixel_values"])
+    with pytest.raises(ValueError, match="patchified"):
+        model.get_image_features(**dict(px, pixel_values=torch.randn(2, 3, 32, 32)))
+    with pytest.raises(ValueError, match="empty|no patches"):
+        model.get_image_features(**naflex_pixels(shapes=[]))
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        model.get_image_features(**dict(px, spatial_shapes=px["spatial_shapes"].flip(0)[:-1]))
+    with pytest.raises(ValueError, match="h \\* w <= 16"):
+        model.get_image_features(**dict(px, spatial_shapes=torch.tensor(SPATIAL_SHAPES) * 2))
+    with pytest.raises(ValueError, match="interpolate_pos_encoding is for FixRes"):
+        model.get_image_features(**px, interpolate_pos_encoding=True)
+
+
+def test_errors_fixres_and_text():
+    model = _tiny("siglip")
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        model.get_image_features(pixel_values=fixres_pixels(1, 48))
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        model.get_image_features(pixel_values=torch.randn(1, 32, 32))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.get_image_features(pixel_values=torch.randn(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="for NaFlex"):
+        model.get_image_features(pixel_values=fixres_pixels(1), spatial_shapes=torch.tensor([[4, 4]]))
+    with pytest.raises(ValueError, match="max_length=16"):
+        model.get_text_features(input_ids=torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tokens"):
+        model.get_text_features(input_ids=torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.get_text_features(input_ids=torch.zeros(2, 16, dtype=torch.long), attention_mask=torch.ones(2, 15))
+    with pytest.raises(ValueError, match="both pixel_values and input_ids"):
+        model(pixel_values=fixres_pixels(1))
+    with pytest.raises(ValueError, match="matching pairs"):
+        model(pixel_values=fixres_pixels(2), **text_inputs(3), return_loss=True)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build(dataclasses.replace(model.config, architecture="SiglipForCausalLM"))
