@@ -1,5 +1,26 @@
-"""fastsiglip: SigLIP and SigLIP 2 encoders for PyTorch, rewritten around Triton kernels."""
+"""fastsiglip: SigLIP and SigLIP 2 encoders for PyTorch, rewritten around Triton kernels.
+
+    model = fastsiglip.load("google/siglip2-base-patch16-224")     # transformers' checkpoints
+    processor = fastsiglip.load_processor("google/siglip2-base-patch16-224")
+    fastsiglip.zero_shot(model, ["cat.jpg"], ["cat", "dog"])
+
+Importing fastsiglip needs neither triton nor a GPU nor transformers: the Triton kernels
+(fastsiglip.kernels) are imported on first use, by fastsiglip.ops, for CUDA tensors.
+"""
 
 from . import config, ops, reference
+from .api import encode_images, encode_texts, zero_shot
+from .config import ModelConfig, preset
+from .loading import CheckpointError, load, resolve
+from .model import SiglipForImageClassification, SiglipModel, SiglipTextModel, SiglipVisionModel, build
+from .ops import sigmoid_loss
+from .processing import load_processor
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ModelConfig", "SiglipForImageClassification", "SiglipModel", "SiglipTextModel",
+    "SiglipVisionModel", "Tokenizer", "build", "encode_images", "encode_texts", "load", "load_processor",
+    "load_tokenizer", "preset", "resolve", "sigmoid_loss", "zero_shot",
+]

@@ -37,3 +37,63 @@ def check_fa_rule(name, actual, exact, torch_lowp, factor=2.0, atol=1e-5):
 @pytest.fixture
 def fa_rule():
     return check_fa_rule
+
+
+# ---------------------------------------------------------------------------------------------
+# A complete small SigLIP 1 checkpoint folder, as the hub has them: config.json and
+# model.safetensors written by transformers' save_pretrained (random weights), a sentencepiece
+# spiece.model trained here, tokenizer and preprocessor configs. For API, CLI and pipeline tests.
+# ---------------------------------------------------------------------------------------------
+
+TINY_VOCAB = 300
+TINY_IMAGE = 32
+SIGLIP_PREPROCESSOR_CONFIG = {  # as in google/siglip-base-patch16-224, at the tiny image size
+    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "processor_class": "SiglipProcessor",
+    "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": TINY_IMAGE, "width": TINY_IMAGE},
+}
+SIGLIP_TOKENIZER_CONFIG = {  # as in google/siglip-base-patch16-224
+    "do_lower_case": True, "eos_token": "</s>", "model_input_names": ["input_ids"], "model_max_length": 64,
+    "pad_token": "</s>", "processor_class": "SiglipProcessor", "tokenizer_class": "SiglipTokenizer",
+    "unk_token": "<unk>",
+}
+
+
+def _train_spiece(folder):
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = "a photo of the cat dog red blue green big small on in with two house tree car sky water".split()
+    syllables = "ka to ri mu se na po li ve du ga ho fi ne ru bo".split()
+    words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) for _ in range(2000)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "m"), model_type="unigram",
+                                   vocab_size=TINY_VOCAB, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+                                   minloglevel=2)
+    (folder / "m.model").rename(folder / "spiece.model")
+    for leftover in ("m.vocab", "corpus.txt"):
+        (folder / leftover).unlink()
+
+
+@pytest.fixture(scope="session")
+def siglip_checkpoint(tmp_path_factory):
+    """Folder of a tiny random-weight SigLIP 1 checkpoint (text length 64, image 32, patch 8)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("siglip_checkpoint")
+    torch.manual_seed(0)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    config = transformers.SiglipConfig(
+        text_config=dict(tower, vocab_size=TINY_VOCAB, max_position_embeddings=64, pad_token_id=1, eos_token_id=1,
+                         bos_token_id=None),
+        vision_config=dict(tower, image_size=TINY_IMAGE, patch_size=8),
+    )
+    transformers.SiglipModel(config).eval().save_pretrained(folder)
+    _train_spiece(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(SIGLIP_TOKENIZER_CONFIG))
+    (folder / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PREPROCESSOR_CONFIG))
+    return folder
