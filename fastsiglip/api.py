@@ -54,17 +54,14 @@ def _to_model(inputs: dict, model) -> dict:
     return out
 
 
-def _pixel_inputs(processor, images, max_num_patches):
-    kwargs = {"images": images, "return_tensors": "pt"}
-    if max_num_patches is not None:
-        kwargs["max_num_patches"] = max_num_patches
-    return {k: v for k, v in processor(**kwargs).items() if k not in ("input_ids", "attention_mask")}
-
-
-def _encode_image_batch(model, processor, images, max_num_patches):
+def _encode_image_batch(model, processor, images, max_num_patches=None, skip_errors=False):
+    """(L2-normalized embeddings [n, D] of the readable images, their indices, [(image, error)])."""
+    batch = processor.process_images(images, max_num_patches=max_num_patches, skip_errors=skip_errors)
+    if batch.pixel_inputs is None:
+        return None, [], batch.failed
     with torch.inference_mode():
-        emb = model.get_image_features(**_to_model(_pixel_inputs(processor, images, max_num_patches), model))
-    return F.normalize(emb.float(), dim=-1)
+        emb = model.get_image_features(**_to_model(batch.pixel_inputs, model))
+    return F.normalize(emb.float(), dim=-1), batch.indices, batch.failed
 
 
 def _check_batch_size(batch_size):
@@ -79,7 +76,7 @@ def encode_images(model, images, *, processor=None, batch_size: int = 32, max_nu
     if not images:
         raise ValueError("encode_images got no images")
     proc = _processor(model, processor)
-    return torch.cat([_encode_image_batch(model, proc, images[i:i + batch_size], max_num_patches)
+    return torch.cat([_encode_image_batch(model, proc, images[i:i + batch_size], max_num_patches)[0]
                       for i in range(0, len(images), batch_size)])
 
 
@@ -114,34 +111,16 @@ def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, proces
     proc = _processor(model, processor)
     text = encode_texts(model, [template.format(label) for label in labels], processor=proc)
     scale, bias = model.logit_scale.float().exp(), model.logit_bias.float()
-    results = []
-    for image_emb in _encode_or_none(model, proc, images, batch_size, skip_errors):
-        if image_emb is None:
-            results.append(None)
+    results = [None] * len(images)
+    for start in range(0, len(images), batch_size):
+        emb, indices, _ = _encode_image_batch(model, proc, images[start:start + batch_size], skip_errors=skip_errors)
+        if emb is None:
             continue
-        scores = torch.sigmoid(image_emb @ text.t() * scale + bias).tolist()
-        results.append([{"score": s, "label": label} for s, label in sorted(zip(scores, labels), key=lambda x: -x[0])])
+        scores = torch.sigmoid(emb @ text.t() * scale + bias).tolist()
+        for i, row in zip(indices, scores):
+            results[start + i] = [{"score": s, "label": label}
+                                  for s, label in sorted(zip(row, labels), key=lambda x: -x[0])]
     return results
-
-
-def _encode_or_none(model, proc, images, batch_size, skip_errors, failures=None):
-    """Embeddings of `images`, one per image; a batch that fails is retried image by image so
-    that one unreadable file costs only itself (None, and (image, error) in `failures`)."""
-    for i in range(0, len(images), batch_size):
-        batch = images[i:i + batch_size]
-        try:
-            yield from _encode_image_batch(model, proc, batch, None)
-            continue
-        except (OSError, ValueError) as e:
-            if not skip_errors:
-                raise
-            if len(batch) == 1:
-                if failures is not None:
-                    failures.append((batch[0], str(e)))
-                yield None
-                continue
-        for image in batch:
-            yield from _encode_or_none(model, proc, [image], 1, skip_errors, failures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +215,10 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
     start, total = time.perf_counter(), len(files)
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
-        batch_failures = []
-        embs = list(_encode_or_none(model, proc, batch, batch_size, True, batch_failures))
-        good = [(p, e) for p, e in zip(batch, embs) if e is not None]
-        if good:
-            chunks.append(torch.stack([e for _, e in good]).cpu())
-            done += [p for p, _ in good]
+        emb, indices, batch_failures = _encode_image_batch(model, proc, batch, skip_errors=True)
+        if emb is not None:
+            chunks.append(emb.cpu())
+            done += [batch[j] for j in indices]
         failed += [(str(p), err) for p, err in batch_failures]
         _save_safetensors(partial, torch.cat(chunks), {"model": model_id, "paths": done, "failed": failed})
         if progress:

@@ -121,11 +121,11 @@ def test_cli_embed_interrupted_then_resumed(siglip_checkpoint, model, images, tm
     calls = {"n": 0}
     real = api._encode_image_batch
 
-    def crash_on_third_batch(*args):
+    def crash_on_third_batch(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of the run
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "_encode_image_batch", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -135,7 +135,7 @@ def test_cli_embed_interrupted_then_resumed(siglip_checkpoint, model, images, tm
     assert partial.exists()
     monkeypatch.setattr(api, "_encode_image_batch", real)
     seen = []
-    monkeypatch.setattr(api, "_encode_image_batch", lambda m, p, batch, n: seen.extend(batch) or real(m, p, batch, n))
+    monkeypatch.setattr(api, "_encode_image_batch", lambda m, p, batch, *a, **k: seen.extend(batch) or real(m, p, batch, *a, **k))
     assert _embed(siglip_checkpoint, images, out, "--batch-size", "2", "--resume") == 0
     assert seen == images[4:], "resume must only do the images not done before the interruption"
     from safetensors.torch import load_file
