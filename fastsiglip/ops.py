@@ -107,11 +107,13 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
 
 
-def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=None):
+def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=None, *, positive_offset=0):
     """See reference.sigmoid_loss."""
     if _use_kernel("sigmoid_loss", image_embeds, _dtype_problem(image_embeds, text_embeds)):
-        return _kernels().sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size)
-    return reference.sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size)
+        return _kernels().sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size,
+                                       positive_offset=positive_offset)
+    return reference.sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size,
+                                  positive_offset=positive_offset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,19 +87,20 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
     return out.transpose(1, 2)[seq_q, pos_q]
 
 
-def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=None):
+def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=None, *, positive_offset=0):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, big_vision's `sigmoid_loss`).
 
-    logits[i, j] = exp(logit_scale) * <image_i, text_j> + logit_bias, z = +1 on the diagonal
-    (i == j, the positive pairs) and -1 elsewhere;
+    logits[i, j] = exp(logit_scale) * <image_i, text_j> + logit_bias, z = +1 for the positive
+    pairs (j == i + positive_offset; 0, the diagonal, by default) and -1 elsewhere;
     loss = -sum_ij log sigmoid(z_ij * logits_ij) / B_img.
     For a square batch this is transformers' `SiglipModel(return_loss=True)` loss (its mean over
     texts of the sum over images equals the mean over images of the sum over texts).
+    `positive_offset` places a rank's images inside a gathered global text batch (train.py).
     Materializes the B_img x B_txt matrix; `chunk_size` is accepted for signature parity.
     """
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias  # [Bi, Bt]
-    sign = -torch.ones_like(logits)
-    n = min(logits.shape)
-    diag = torch.arange(n, device=logits.device)
-    sign[diag, diag] = 1.0
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]  # [Bi, 1]
+    cols = torch.arange(logits.shape[1], device=logits.device)[None, :]  # [1, Bt]
+    one = torch.ones((), device=logits.device, dtype=logits.dtype)
+    sign = torch.where(cols == rows + positive_offset, one, -one)  # [Bi, Bt]: z
     return -F.logsigmoid(sign * logits).sum() / image_embeds.shape[0]
