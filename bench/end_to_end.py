@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
     require_cuda("bench/end_to_end.py")
     from fastsiglip.config import preset
@@ -91,7 +92,7 @@ def main():
                                  "fastsiglip_speedup": ms / base})  # how many times faster fastsiglip is
         del ours, hf, impls
         torch.cuda.empty_cache()
-    write_results("end_to_end", rows, {"dtype": "bfloat16"})
+    write_results("end_to_end", rows, {"dtype": "bfloat16"}, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":
