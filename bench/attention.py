@@ -1,6 +1,6 @@
 """Flash attention kernel: fastsiglip against SDPA, PyTorch's varlen paths and nn.MultiheadAttention.
 
-    python bench/attention.py [--batch 256] [--out-dir DIR]
+    python bench/attention.py [--batch 256] [--cases naflex dense pool] [--out-dir DIR]
 
 bf16 on CUDA. Cases (each timed side by side in this process, forward and forward+backward):
 - naflex: a NaFlex batch of mixed aspect ratios under a patch budget (256 and 1024), head dims
@@ -15,7 +15,9 @@ bf16 on CUDA. Cases (each timed side by side in this process, forward and forwar
   sides include the projections; their TFLOP/s count the attention FLOPs only).
 FLOPs are useful FLOPs (true head dim, real tokens only): 4 * sum_b(Lq_b Lk_b) * H * D forward,
 2.5x that backward. The floor is max(FLOPs / matmul peak, bytes / copy bandwidth), both measured
-here. Writes bench/results/attention-<device>.json and .md.
+here. Writes bench/results/attention-<device>.json and .md. Each new (lengths bucket, head dim)
+autotunes and compiles three kernels, so all cases together take several minutes: `--cases`
+runs a subset (e.g. one per 10-minute device call; each run rewrites the results file).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DTYPE = torch.bfloat16
 BWD_FLOP_FACTOR = 2.5  # backward = 5 matmuls of the forward's 2
 DENSE_LENGTHS = (196, 256, 576, 729, 1024)
 NAFLEX_BUDGETS = (256, 1024)
+CASES = ("naflex", "dense", "pool")
 HEADS = {64: 12, 72: 16}  # base (768 = 12 x 64) and so400m (1152 = 16 x 72)
 
 
@@ -90,12 +93,13 @@ def rows_for(case, impls, lens_q, lens_k, heads, head_dim, ceilings, backward, e
         except Exception as e:  # a baseline this torch build lacks: say so, keep going
             print(f"  {case} {name}: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
-        ours = ms if ours is None else ours
+        ours = ms if name == "fastsiglip" else ours  # no ratios against a baseline if ours failed
+        speedup = ms / ours if ours is not None else None
         rows.append({"case": case, "pass": "fwd+bwd" if backward else "fwd", "impl": name, "heads": heads,
                      "head_dim": head_dim, "ms": ms, "tflops": flops / ms / 1e9, "floor_ms": floor,
-                     "floor_frac": floor / ms, "fastsiglip_speedup": ms / ours, "peak_mb": mem, **(extra or {})})
+                     "floor_frac": floor / ms, "fastsiglip_speedup": speedup, "peak_mb": mem, **(extra or {})})
         print(f"  {case:24s} {rows[-1]['pass']:8s} {name:22s} {ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s"
-              f"  x{ms / ours:.2f}")
+              + (f"  x{speedup:.2f}" if speedup is not None else ""))
     return rows
 
 
@@ -225,6 +229,7 @@ def check_correctness(gen):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256, help="images per NaFlex / pooling batch")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which case groups to run")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
     require_cuda("bench/attention.py")
@@ -232,14 +237,17 @@ def main():
     errs = check_correctness(gen)
     ceilings = measure_ceilings(DTYPE)
     print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {ceilings['copy_gbps']:.0f} GB/s copy")
-    rows = naflex_cases(args.batch, ceilings, gen) + dense_cases(ceilings, gen) + pooling_cases(args.batch, ceilings, gen)
+    runners = {"naflex": lambda: naflex_cases(args.batch, ceilings, gen), "dense": lambda: dense_cases(ceilings, gen),
+               "pool": lambda: pooling_cases(args.batch, ceilings, gen)}
+    rows = [row for case in args.cases for row in runners[case]()]
     # Head dim 72 against 64 per useful FLOP, dense forward and forward + backward.
     by = {(r["case"], r["pass"], r["impl"], r["head_dim"]): r for r in rows}
     for (case, p, impl, d), r in list(by.items()):
         base = by.get((case, p, impl, 64))
         if d == 72 and impl == "fastsiglip" and base is not None and case.startswith("dense"):
             r["tflops_vs_d64"] = r["tflops"] / base["tflops"]
-    meta = {"dtype": str(DTYPE), "ceilings": ceilings, "batch": args.batch, "max_abs_err_vs_fp32": errs}
+    meta = {"dtype": str(DTYPE), "ceilings": ceilings, "batch": args.batch, "cases": args.cases,
+            "max_abs_err_vs_fp32": errs}
     write_results("attention", rows, meta, out_dir=args.out_dir)
 
 

@@ -81,11 +81,14 @@ def run_one(name, fn, inputs, ceilings, ref_loss=None, **extra):
     def step():
         return torch.autograd.grad(fn(*inputs), inputs)
 
+    oom = False
     try:
         loss = fn(*inputs).item()
         row["peak_extra_mb"] = peak_memory_mb(step)
         row["ms"] = time_ms(step, warmup=5, rep=50 if B >= 65536 else 100)
     except torch.cuda.OutOfMemoryError:
+        oom = True
+    if oom:  # outside the except block: its traceback no longer holds the failed run's tensors
         torch.cuda.empty_cache()
         row["status"] = "OOM"
         return row, None

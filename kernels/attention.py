@@ -51,6 +51,15 @@ MIN_DOT = 16  # tl.dot's smallest tile dimension
 # multiple of 8).
 STRIDE_ALIGN = tl.constexpr(8)
 PREPROCESS_ROWS = 64  # rows per program of the delta = rowsum(dO * O) kernel
+# 32-bit offsets. tl.program_id and cu_seqlens are int32, and so are the stride arguments below
+# 2^31. Offsets that can pass 2^31 are formed in int64: the sequence start times the token stride
+# (256 images x 4096 tokens x 16 heads x 128 dims is already 2^31 elements), the head index times
+# the head stride (h is int64: a head-major [H, T, D] view has head stride T * D), and the
+# preprocess kernel's first row times the token stride. The offset inside one sequence, row *
+# token stride with row < max_seqlen, stays int32: the host keeps max_seqlen * token stride
+# below INT32_LIMIT (copying the operand to the contiguous layout, token stride H * D, if needed)
+# and refuses a single sequence longer than that.
+INT32_LIMIT = 2**31
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -198,7 +207,7 @@ def _attn_fwd_kernel(
     blocks_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m = pid % blocks_m
     b = pid // blocks_m // num_heads
-    h = pid // blocks_m % num_heads
+    h = (pid // blocks_m % num_heads).to(tl.int64)  # int64: see INT32_LIMIT
     q_start, seqlen_q = _sequence(cu_q_ptr, b)
     if pid_m * BLOCK_M >= seqlen_q:
         return
@@ -231,7 +240,7 @@ def _attn_fwd_kernel(
     _store_rows(o_base, offs_m, stride_ot, m_mask, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
                 HEAD_DIM, D0, D1, HAS_TAIL)
     lse = m_i + tl.math.log2(l_safe)  # [BM], log2 units; -inf without keys (never read back)
-    tl.store(lse_ptr + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=m_mask)
+    tl.store(lse_ptr + h * total_q + q_start + offs_m, lse, mask=m_mask)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -244,15 +253,20 @@ def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, 
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in float32."""
     stride_ot, stride_oh = stride_ot * STRIDE_ALIGN, stride_oh * STRIDE_ALIGN
     stride_dot, stride_doh = stride_dot * STRIDE_ALIGN, stride_doh * STRIDE_ALIGN
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
-    mask = rows < total_q
-    o0, o1 = _load_rows(o_ptr + h * stride_oh, rows, stride_ot, mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
-    g0, g1 = _load_rows(do_ptr + h * stride_doh, rows, stride_dot, mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
+    # Global row times token stride passes 2^31 at 2^31 / (H D) tokens: the block's first row is
+    # applied in int64, the rows inside the block stay int32 (see INT32_LIMIT).
+    row0 = tl.program_id(0) * BLOCK
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, BLOCK)  # [BLOCK], relative to row0
+    mask = row0 + rows < total_q
+    o_base = o_ptr + row0.to(tl.int64) * stride_ot + h * stride_oh
+    do_base = do_ptr + row0.to(tl.int64) * stride_dot + h * stride_doh
+    o0, o1 = _load_rows(o_base, rows, stride_ot, mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
+    g0, g1 = _load_rows(do_base, rows, stride_dot, mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
     delta = tl.sum(o0.to(tl.float32) * g0.to(tl.float32), 1)
     if HAS_TAIL:
         delta += tl.sum(o1.to(tl.float32) * g1.to(tl.float32), 1)
-    tl.store(delta_ptr + h.to(tl.int64) * total_q + rows, delta, mask=mask)
+    tl.store(delta_ptr + h * total_q + row0 + rows, delta, mask=mask)
 
 
 @triton.jit
@@ -308,7 +322,7 @@ def _attn_bwd_dkdv_kernel(
     blocks_n = tl.cdiv(max_seqlen_k, BLOCK_N)
     pid_n = pid % blocks_n
     b = pid // blocks_n // num_heads
-    h = pid // blocks_n % num_heads
+    h = (pid // blocks_n % num_heads).to(tl.int64)  # int64: see INT32_LIMIT
     k_start, seqlen_k = _sequence(cu_k_ptr, b)
     if pid_n * BLOCK_N >= seqlen_k:
         return
@@ -324,8 +338,8 @@ def _attn_bwd_dkdv_kernel(
     v0, v1 = _load_rows(v_base, offs_n, stride_vt, n_mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
     q_base = q_ptr + q_start.to(tl.int64) * stride_qt + h * stride_qh
     do_base = do_ptr + q_start.to(tl.int64) * stride_dot + h * stride_doh
-    lse_base = lse_ptr + h.to(tl.int64) * total_q + q_start
-    delta_base = delta_ptr + h.to(tl.int64) * total_q + q_start
+    lse_base = lse_ptr + h * total_q + q_start
+    delta_base = delta_ptr + h * total_q + q_start
 
     dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -393,7 +407,7 @@ def _attn_bwd_dq_kernel(
     blocks_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m = pid % blocks_m
     b = pid // blocks_m // num_heads
-    h = pid // blocks_m % num_heads
+    h = (pid // blocks_m % num_heads).to(tl.int64)  # int64: see INT32_LIMIT
     q_start, seqlen_q = _sequence(cu_q_ptr, b)
     if pid_m * BLOCK_M >= seqlen_q:
         return
@@ -405,8 +419,8 @@ def _attn_bwd_dq_kernel(
     do_base = do_ptr + q_start.to(tl.int64) * stride_dot + h * stride_doh
     q0, q1 = _load_rows(q_base, offs_m, stride_qt, m_mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
     g0, g1 = _load_rows(do_base, offs_m, stride_dot, m_mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
-    lse = tl.load(lse_ptr + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_mask, other=0.0)
+    lse = tl.load(lse_ptr + h * total_q + q_start + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + h * total_q + q_start + offs_m, mask=m_mask, other=0.0)
     k_base = k_ptr + k_start.to(tl.int64) * stride_kt + h * stride_kh
     v_base = v_ptr + k_start.to(tl.int64) * stride_vt + h * stride_vh
 
@@ -440,10 +454,12 @@ def _head_split(head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "HAS_TAIL": rest > 0}
 
 
-def _rows(x):
-    """A [T, H, D] operand with unit stride along D and the others multiples of STRIDE_ALIGN."""
+def _rows(x, max_rows):
+    """A [T, H, D] operand with unit stride along D, the others non-negative multiples of
+    STRIDE_ALIGN below INT32_LIMIT, and max_rows * token stride < INT32_LIMIT (see the header)."""
     align = STRIDE_ALIGN.value
-    return x if x.stride(-1) == 1 and x.stride(0) % align == 0 and x.stride(1) % align == 0 else x.contiguous()
+    ok = x.stride(-1) == 1 and all(0 <= s < INT32_LIMIT and s % align == 0 for s in x.stride()[:2])
+    return x if ok and max_rows * x.stride(0) < INT32_LIMIT else x.contiguous()
 
 
 def _strides(x):
@@ -453,7 +469,7 @@ def _strides(x):
 
 def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """Packed q [Tq, H, D], k, v [Tk, H, D] -> (o [Tq, H, D], lse [H, Tq] float32, log2 units)."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
+    q, k, v = _rows(q, max_q), _rows(k, max_k), _rows(v, max_k)
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
     if total_q == 0 or batch == 0 or max_q == 0:  # nothing to launch
@@ -472,7 +488,7 @@ def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 
 def attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale):
     """-> (dq, dk, dv) for the packed layout of attention_fwd."""
-    do, q, k, v = _rows(do), _rows(q), _rows(k), _rows(v)
+    do, q, k, v = _rows(do, max_q), _rows(q, max_q), _rows(k, max_k), _rows(v, max_k)
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
     if total_q == 0 or k.shape[0] == 0 or batch == 0 or max_q == 0 or max_k == 0:
@@ -630,6 +646,14 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
         steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
         cu_q, cu_k, max_q, max_k = steps * n_q, steps * n_k, n_q, n_k
         qp, kp, vp = (t.reshape((-1,) + t.shape[2:]) for t in (q, k, v))
+        if batch * max(n_q, n_k) >= INT32_LIMIT:
+            raise ValueError(f"attention: {batch} x {max(n_q, n_k)} tokens do not fit int32 cu_seqlens; "
+                             "split the batch")
+    row_elems = q.shape[-2] * q.shape[-1]  # H * D, the token stride of a contiguous operand
+    if max(max_q, max_k) * row_elems >= INT32_LIMIT:
+        raise ValueError(f"attention: a sequence of {max(max_q, max_k)} tokens x {row_elems} (H x D) elements passes "
+                         "the kernel's int32 in-sequence offsets (2^31); split the sequence or use "
+                         "fastsiglip.reference.attention")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale)
     else:

@@ -70,7 +70,7 @@ def _config(bm, bn, bk, stages, warps):
 
 
 if INTERPRET:  # the CPU interpreter runs tl.dot in numpy: one small config, no tuning
-    _CONFIGS = [_config(32, 32, 32, 1, 4)]
+    _CONFIGS = _CONFIGS_FP32 = [_config(32, 32, 32, 1, 4)]
 else:
     # Hopper-sized tiles (wgmma, 228 KB shared memory); configs that do not fit a smaller GPU
     # fail to compile and the autotuner skips them.
@@ -84,10 +84,27 @@ else:
         _config(128, 128, 32, 4, 4),
         _config(64, 64, 32, 4, 4),
     ]
+    # IEEE float32 dots run on FMA units, whose lowering holds operand tiles in registers: the
+    # 16-bit tiles above would spill (and take long to compile), so float32 gets small ones.
+    _CONFIGS_FP32 = [
+        _config(64, 64, 32, 2, 4),
+        _config(64, 32, 32, 2, 4),
+        _config(32, 32, 32, 2, 4),
+    ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N_BUCKET", "K", "IS_FP32", "WITH_GRAD"],
-                 reset_to_zero=["part_ptr"])
+def _prune(configs, named_args, **kwargs):
+    """The configs written for the operand dtype (IEEE float32 or 16-bit)."""
+    wanted = _CONFIGS_FP32 if named_args["img_ptr"].dtype == torch.float32 else _CONFIGS
+    return [c for c in configs if any(c is w for w in wanted)] or configs[:1]
+
+
+# reset_to_zero: a config with larger tiles writes fewer slots than the buffer holds; the rest must
+# read 0 after the autotuner's timing runs of other configs (the kernel stores, never accumulates,
+# so the outputs are otherwise unaffected by those runs).
+@triton.autotune(configs=_CONFIGS + ([] if INTERPRET else _CONFIGS_FP32),
+                 key=["M_BUCKET", "N_BUCKET", "K", "IS_FP32", "WITH_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["part_ptr"])
 @triton.jit
 def _sigmoid_loss_block_kernel(
     img_ptr, txt_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr,
@@ -100,11 +117,18 @@ def _sigmoid_loss_block_kernel(
     """One [BLOCK_M, BLOCK_N] tile of a block: logits, loss partials and G = -z sigmoid(-z l)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] image rows of the block
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] text rows of the block
+    # The tile's first row / column times the strides in int64: a chunk of 65,536 texts makes
+    # rm * stride_gm reach 2^32 (and chunk x D can pass 2^31 too); offsets inside the tile stay
+    # int32 (BLOCK x stride, small).
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    lm = tl.arange(0, BLOCK_M)  # [BM] image rows, relative to row0
+    ln = tl.arange(0, BLOCK_N)  # [BN] text rows, relative to col0
+    rm = row0 + lm  # [BM] image rows of the block
+    rn = col0 + ln  # [BN] text rows of the block
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = img_ptr + rm[:, None] * stride_im + rk[None, :] * stride_ik  # [BM, BK]
-    b_ptrs = txt_ptr + rk[:, None] * stride_tk + rn[None, :] * stride_tn  # [BK, BN]: text^T
+    a_ptrs = img_ptr + row0.to(tl.int64) * stride_im + lm[:, None] * stride_im + rk[None, :] * stride_ik  # [BM, BK]
+    b_ptrs = txt_ptr + col0.to(tl.int64) * stride_tn + rk[:, None] * stride_tk + ln[None, :] * stride_tn  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
@@ -135,7 +159,8 @@ def _sigmoid_loss_block_kernel(
         g = tl.where(valid, -z * sig_neg, 0.0)  # dL/dl * Bi
         tl.store(part + 1, tl.sum(tl.sum(g, axis=1), axis=0))
         tl.store(part + 2, tl.sum(tl.sum(g * acc, axis=1), axis=0))
-        g_ptrs = g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn
+        g_base = g_ptr + row0.to(tl.int64) * stride_gm + col0.to(tl.int64) * stride_gn
+        g_ptrs = g_base + lm[:, None] * stride_gm + ln[None, :] * stride_gn
         tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 

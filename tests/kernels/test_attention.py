@@ -9,6 +9,8 @@ On CPU the kernels run through the Triton interpreter (float32 and float16, tiny
 2); bfloat16 and real lengths (up to 4096) need CUDA.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -153,6 +155,31 @@ def test_packed_equals_per_sequence():
         o_b, (dq_b, dk_b, dv_b) = run(attention, part, torch.float32, do[rq], cu_seqlens([lq]), cu_seqlens([lk]))
         assert torch.equal(o[rq], o_b), f"sequence {b}: output differs when packed"
         assert torch.equal(grads[0][rq], dq_b) and torch.equal(grads[1][rk], dk_b) and torch.equal(grads[2][rk], dv_b)
+
+
+def test_head_major_layout(fa_rule):
+    """q, k, v as [T, H, D] views of [H, T, D] storage: head stride T * D, token stride D (the
+    layout whose head index times head stride the kernels form in int64)."""
+    lens = [5, 33]
+    qkv = [t.permute(1, 0, 2).contiguous().permute(1, 0, 2) for t in make_qkv((38, 2, 64), (38, 2, 64))]
+    assert qkv[0].stride() == (64, 38 * 64, 1)
+    check(fa_rule, qkv, torch.float32, cu_seqlens(lens), cu_seqlens(lens))
+
+
+def test_int32_offset_guards(monkeypatch):
+    """Host-side guards of the int32 in-sequence offsets (meta tensors: no memory, no kernel):
+    an operand whose token stride x max_seqlen (or any stride) reaches 2^31 is made contiguous,
+    and a single sequence too long even then is refused."""
+    module = importlib.import_module("fastsiglip.kernels.attention")  # the package re-exports the function
+    ok = torch.empty_strided((4, 2, 64), (3 * 128, 64, 1), device="meta")
+    assert module._rows(ok, 4096) is ok
+    for strides, max_rows in (((2**28, 64, 1), 16), ((128, 2**31, 1), 1)):
+        x = torch.empty_strided((4, 2, 64), strides, device="meta")
+        assert module._rows(x, max_rows).stride() == (128, 64, 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the device check passes; the guard raises first
+    q = torch.empty(1, 2**20, 16, 128, device="meta")  # one sequence of 2^20 x 2048 = 2^31 elements
+    with pytest.raises(ValueError, match="int32 in-sequence offsets"):
+        attention(q, q, q)
 
 
 # The dK/dV kernel's padded key rows (never stored) overflow here; numpy warns about them.
@@ -322,3 +349,32 @@ def test_gpu_dense_and_deterministic(fa_rule):
     first = run(attention, qkv, torch.bfloat16, do)
     second = run(attention, qkv, torch.bfloat16, do)
     assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """Tensors of more than 2^31 elements, so every int64 offset path runs: q, k, v head-major
+    (head index x head stride T * D passes 2^31 from head 15 on), o and dO token-major (the
+    preprocess kernel's row x token stride passes 2^31 past 2^20 tokens). Sequences are
+    independent, so the first and the last two are checked against the reference alone."""
+    heads, head_dim, n, seqs = 16, 128, 128, 8960  # T = 1,146,880 tokens, 15 T D > 2^31
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs a GPU with 60 GB (eight 4.7 GB tensors)")
+    total = n * seqs
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(heads, total, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+               .transpose(0, 1).requires_grad_() for _ in range(3))  # [T, H, D], head stride T * D
+    do = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.arange(seqs + 1, device="cuda", dtype=torch.int32) * n
+    assert 15 * q.stride(1) >= 2**31 and total * do.stride(0) >= 2**31
+    o = attention(q, k, v, cu, cu, n, n)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    for b in (0, seqs - 2, seqs - 1):
+        rows = slice(b * n, (b + 1) * n)
+        part = [t.detach()[rows].float().requires_grad_() for t in (q, k, v)]
+        o_ref = reference.attention(*part, cu_seqlens([n]), cu_seqlens([n]))
+        grads_ref = torch.autograd.grad(o_ref, part, do[rows].float())
+        for name, a, e in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (o_ref, *grads_ref)):
+            err = (a[rows].float() - e).abs().max().item()
+            assert err <= 2e-2 * max(1.0, e.abs().max().item()), f"sequence {b} {name}: max error {err:.3e}"

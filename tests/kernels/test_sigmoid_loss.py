@@ -166,3 +166,21 @@ def test_real_sizes_gpu(fa_rule, dtype, n_img, n_txt, dim):
     lowp = chunked_reference(lowp_inputs, dtype)
     for name, a, e, t in zip(NAMES, got, exact, lowp):
         fa_rule(name, a.float(), e.float(), t.float(), atol=1e-5 + REL_FLOOR * e.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (bf16 and real sizes)")
+def test_chunk_past_int32_offsets_gpu(fa_rule):
+    """chunk_size 65,536: the block of G holds 2^32 elements, so row x row stride passes 2^31
+    (the kernel forms tile bases in int64); same results as the chunked reference."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs a GPU with 24 GB (an 8 GiB block of G)")
+    inputs = make_inputs(65536, 65536, 256)
+    lowp_inputs = [t.to(torch.bfloat16) if t.dim() else t for t in inputs]
+    leaves = [t.detach().clone().requires_grad_() for t in lowp_inputs]
+    loss = sigmoid_loss(*leaves, chunk_size=65536)
+    got = [loss.detach(), *torch.autograd.grad(loss, leaves)]
+    exact = chunked_reference(lowp_inputs, torch.float32)
+    lowp = chunked_reference(lowp_inputs, torch.bfloat16)
+    for name, a, e, t in zip(NAMES, got, exact, lowp):
+        fa_rule(name, a.float(), e.float(), t.float(), atol=1e-5 + REL_FLOOR * e.abs().max().item())
