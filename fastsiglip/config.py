@@ -242,7 +242,8 @@ _LARGE = (1024, 4096, 24, 16)
 _SO400M = (1152, 4304, 27, 16)  # head dim 72
 _GIANT = (1536, 6144, 40, 16)  # vision of g/16; its text tower is So400m-sized, projected to 1536
 
-_SIGLIP1_VOCAB = 32000
+_SIGLIP1_VOCAB = 32000  # English sentencepiece
+_SIGLIP1_I18N_VOCAB = 250000  # the multilingual SigLIP 1 checkpoints' sentencepiece
 _GEMMA_VOCAB = 256000  # SigLIP 2 uses the Gemma tokenizer
 
 
@@ -270,6 +271,8 @@ PRESETS = {
     "siglip-large-patch16-384": lambda: _make("siglip", _LARGE, _LARGE, 16, 384, vocab=_SIGLIP1_VOCAB),
     "siglip-so400m-patch14-224": lambda: _make("siglip", _SO400M, _SO400M, 14, 224, vocab=_SIGLIP1_VOCAB, text_len=16),
     "siglip-so400m-patch14-384": lambda: _make("siglip", _SO400M, _SO400M, 14, 384, vocab=_SIGLIP1_VOCAB),
+    "siglip-base-patch16-256-multilingual": lambda: _make("siglip", _BASE, _BASE, 16, 256, vocab=_SIGLIP1_I18N_VOCAB),
+    "siglip-so400m-patch16-256-i18n": lambda: _make("siglip", _SO400M, _SO400M, 16, 256, vocab=_SIGLIP1_I18N_VOCAB),
     # SigLIP 2, FixRes (model_type "siglip", Gemma vocabulary)
     "siglip2-base-patch16-224": lambda: _make("siglip", _BASE, _BASE, 16, 224),
     "siglip2-base-patch16-256": lambda: _make("siglip", _BASE, _BASE, 16, 256),

@@ -68,6 +68,7 @@ class ModelOutput:
 class BaseModelOutputWithPooling(ModelOutput):
     last_hidden_state: torch.Tensor | None = None  # [B, N, C]; NaFlex: zeros at padded positions
     pooler_output: torch.Tensor | None = None  # [B, D]
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # output_hidden_states: embeddings, then every layer
 
 
 @dataclass
@@ -85,6 +86,7 @@ class SiglipOutput(ModelOutput):
 class ImageClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, num_labels]
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class Layout(NamedTuple):
@@ -111,6 +113,13 @@ def _fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialized (_init_weights or the checkpoint fills it): torch's
+    own normal_ init, on the meta device, imports torch._dynamo and with it triton (~2 s), a
+    cost `fastsiglip.load` should not pay."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class PatchEmbeddings(nn.Module):
     """FixRes: Conv2d patches of a [B, C, H, W] image plus a learned (g x g) position grid."""
 
@@ -119,7 +128,7 @@ class PatchEmbeddings(nn.Module):
         self.patch_size = cfg.patch_size
         self.grid = cfg.position_grid
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(self.grid**2, cfg.hidden_size)
+        self.position_embedding = _embedding(self.grid**2, cfg.hidden_size)
 
     def interpolate_pos_encoding(self, height: int, width: int, num_patches: int) -> torch.Tensor:
         """Position grid resized to the image's (height // p, width // p) patches, [1, N, C].
@@ -180,7 +189,7 @@ class NaFlexEmbeddings(nn.Module):
         super().__init__()
         self.grid = cfg.position_grid
         self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.num_patches, cfg.hidden_size)
 
     def positions(self, packing: ops.Packing, spatial_shapes: torch.Tensor) -> torch.Tensor:
         """[T, C]: the grid resized to each token's image size, read at the token's place.
@@ -211,8 +220,8 @@ class NaFlexEmbeddings(nn.Module):
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
@@ -303,11 +312,20 @@ class Encoder(nn.Module):
         args = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, layout: Layout | None, final_norm: nn.LayerNorm) -> torch.Tensor:
-        """The layers, then the tower's final LayerNorm fused with the last residual add."""
+    def forward(self, x: torch.Tensor, layout: Layout | None, final_norm: nn.LayerNorm,
+                hidden_states: list | None = None) -> torch.Tensor:
+        """The layers, then the tower's final LayerNorm fused with the last residual add.
+
+        A `hidden_states` list receives the residual stream delta + stream before every layer
+        and after the last, before the final norm: transformers' output_hidden_states (the
+        sum its `residual + mlp(...)` forms)."""
         delta, stream = x, None
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(delta if stream is None else delta + stream)
             delta, stream = layer(delta, stream, layout)
+        if hidden_states is not None:
+            hidden_states.append(delta if stream is None else delta + stream)
         return _norm(final_norm, delta, stream)[0]
 
 
@@ -406,25 +424,30 @@ class VisionTransformer(nn.Module):
             self.head = MultiheadAttentionPoolingHead(cfg)
 
     def forward(self, pixel_values, pixel_attention_mask=None, spatial_shapes=None, interpolate_pos_encoding=False,
-                pool: bool = True) -> BaseModelOutputWithPooling:
+                pool: bool = True, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         """pool=False skips the MAP head (pooler_output None), as classification needs."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         check = _check_naflex_pixels if self.config.naflex else _check_fixres_pixels
         check(pixel_values, self.config, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
         pool = pool and self.config.vision_use_head
+        states = [] if output_hidden_states else None
         if self.config.naflex:
+            # The processor returns the mask and shapes on the CPU; a caller may move only the pixels.
+            device = pixel_values.device
+            pixel_attention_mask, spatial_shapes = pixel_attention_mask.to(device), spatial_shapes.to(device)
             packing = ops.packing_from_mask(pixel_attention_mask)
             x = self.embeddings(pixel_values, spatial_shapes, packing)  # [T, C]
             cu, n = packing.cu_seqlens, packing.max_seqlen
-            x = self.encoder(x, Layout(cu, cu, n, n), self.post_layernorm)  # [T, C]
+            x = self.encoder(x, Layout(cu, cu, n, n), self.post_layernorm, states)  # [T, C]
             pooled = self.head(x, cu, n) if pool else None
-            return BaseModelOutputWithPooling(ops.unpack(x, packing), pooled)  # [B, N, C], zeros at padding
+            hidden = None if states is None else tuple(ops.unpack(h, packing) for h in states)
+            return BaseModelOutputWithPooling(ops.unpack(x, packing), pooled, hidden)  # [B, N, C], zeros at padding
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, N, C]
-        x = self.encoder(x, None, self.post_layernorm)
+        x = self.encoder(x, None, self.post_layernorm, states)
         batch, n = x.shape[:2]
         pooled = self.head(x.flatten(0, 1), _fixed_cu_seqlens(batch, n, x.device), n) if pool else None
-        return BaseModelOutputWithPooling(x, pooled)
+        return BaseModelOutputWithPooling(x, pooled, None if states is None else tuple(states))
 
 
 def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> None:
@@ -457,8 +480,13 @@ class TextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.projection_size)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> BaseModelOutputWithPooling:
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         _check_text(input_ids, attention_mask, position_ids, self.config)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)  # the packing lives where the tokens do
+        if position_ids is not None:
+            position_ids = position_ids.to(input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # [B, L, C]
         layout = None
         if attention_mask is not None:
@@ -467,9 +495,10 @@ class TextTransformer(nn.Module):
             keys = ops.packing_from_mask(attention_mask)
             all_tokens = _fixed_cu_seqlens(batch, length, x.device)
             layout = Layout(all_tokens, keys.cu_seqlens, length, length, keys.indices)
-        x = self.encoder(x, layout, self.final_layer_norm)  # [B, L, C]
+        states = [] if output_hidden_states else None
+        x = self.encoder(x, layout, self.final_layer_norm, states)  # [B, L, C]
         # Pooled = the last position (SigLIP pads to max_length; it may be padding, as in transformers).
-        return BaseModelOutputWithPooling(x, self.head(x[:, -1]))
+        return BaseModelOutputWithPooling(x, self.head(x[:, -1]), None if states is None else tuple(states))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +509,11 @@ class TextTransformer(nn.Module):
 @torch.no_grad()
 def _init_weights(model: nn.Module) -> None:
     """Random weights for a model built from a preset: normal(0, INIT_STD) matrices and
-    embeddings, zero biases, unit LayerNorm scales, the paper's logit scale and bias."""
+    embeddings, zero biases, unit LayerNorm scales, the paper's logit scale and bias.
+    Nothing to do on the meta device (the loader assigns every tensor; and torch's meta
+    normal_ imports torch._dynamo, hence triton, which `load` should not pay for)."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(m.weight, std=INIT_STD)
@@ -497,6 +530,12 @@ def _init_weights(model: nn.Module) -> None:
     if isinstance(model, SiglipModel):
         model.logit_scale.fill_(LOGIT_SCALE_INIT)
         model.logit_bias.fill_(LOGIT_BIAS_INIT)
+
+
+def _check_no_attentions(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError("output_attentions=True is not supported: fastsiglip's attention (FlashAttention-style) "
+                         "never forms the attention matrix; use transformers' eager attention for attention maps")
 
 
 def _tower_config(config: ModelConfig, name: str, cls: str):
@@ -537,12 +576,14 @@ class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 pixel_attention_mask=None, spatial_shapes=None, return_loss=None,
-                interpolate_pos_encoding=False) -> SiglipOutput:
+                interpolate_pos_encoding=False, output_attentions=None, output_hidden_states=None) -> SiglipOutput:
+        _check_no_attentions(output_attentions)
         if input_ids is None or pixel_values is None:
             raise ValueError("SiglipModel needs both pixel_values and input_ids; for one tower use "
                              "get_image_features / get_text_features")
-        vision = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding)
-        text = self.text_model(input_ids, attention_mask, position_ids)
+        vision = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding,
+                                   output_hidden_states=bool(output_hidden_states))
+        text = self.text_model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
         if vision.pooler_output is None:
             raise ValueError("this vision tower has no pooling head (vision_use_head=False): no image embedding")
         image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)  # [Bi, D]
@@ -567,8 +608,11 @@ class SiglipVisionModel(nn.Module, _ImageFeatures):
         _init_weights(self)
 
     def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
-                interpolate_pos_encoding=False) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding)
+                interpolate_pos_encoding=False, output_attentions=None,
+                output_hidden_states=None) -> BaseModelOutputWithPooling:
+        _check_no_attentions(output_attentions)
+        return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding,
+                                 output_hidden_states=bool(output_hidden_states))
 
 
 class SiglipTextModel(nn.Module, _TextFeatures):
@@ -580,8 +624,10 @@ class SiglipTextModel(nn.Module, _TextFeatures):
         self.text_model = TextTransformer(_tower_config(config, "text", "SiglipTextModel"))
         _init_weights(self)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None) -> BaseModelOutputWithPooling:
-        return self.text_model(input_ids, attention_mask, position_ids)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
+                output_hidden_states=None) -> BaseModelOutputWithPooling:
+        _check_no_attentions(output_attentions)
+        return self.text_model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
 
 
 class SiglipForImageClassification(nn.Module):
@@ -597,16 +643,19 @@ class SiglipForImageClassification(nn.Module):
         _init_weights(self)
 
     def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None,
-                interpolate_pos_encoding=False) -> ImageClassifierOutput:
+                interpolate_pos_encoding=False, output_attentions=None,
+                output_hidden_states=None) -> ImageClassifierOutput:
+        _check_no_attentions(output_attentions)
         out = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding,
-                                pool=False)
+                                pool=False, output_hidden_states=bool(output_hidden_states))
         x = out.last_hidden_state  # [B, N, C]
         if self.config.naflex:  # padded places are zeros: sum, then divide by the real count
-            pooled = (x.sum(1, dtype=torch.float32) / pixel_attention_mask.sum(1, keepdim=True)).to(x.dtype)
+            count = pixel_attention_mask.to(x.device).sum(1, keepdim=True)  # [B, 1] real patches
+            pooled = (x.sum(1, dtype=torch.float32) / count).to(x.dtype)
         else:
             pooled = x.mean(1)
         logits = self.classifier(pooled)  # [B, num_labels]
-        return ImageClassifierOutput(None if labels is None else self._loss(logits, labels), logits)
+        return ImageClassifierOutput(None if labels is None else self._loss(logits, labels), logits, out.hidden_states)
 
     def _loss(self, logits, labels):
         """transformers' ForSequenceClassificationLoss, the problem type read from labels."""
@@ -627,7 +676,8 @@ MODELS = {
 
 
 def build(config: ModelConfig) -> nn.Module:
-    """The model class for `config.architecture`, randomly initialized (on meta: no memory)."""
+    """The model class for `config.architecture`, randomly initialized (under
+    torch.device("meta"): shapes only, no memory and no initialization)."""
     if not isinstance(config, ModelConfig):
         raise TypeError(f"build() takes a fastsiglip.config.ModelConfig, got {type(config).__name__}; "
                         "use fastsiglip.config.from_file or preset")

@@ -297,6 +297,37 @@ def test_load_by_hub_id_from_cache_offline(ckpts, tmp_path, offline_hub, monkeyp
     assert resolve(REPO_ID).resolve() == snapshot.resolve()
 
 
+def test_hub_id_offline_in_a_fresh_process_without_transformers(ckpts, tmp_path):
+    """As a user runs it: HF_HUB_OFFLINE=1 and HF_HUB_CACHE in the environment before anything is
+    imported (no monkeypatching), a hub id read from the cache, and `fastsiglip.load` importing
+    neither transformers nor triton. The logits match transformers' (computed here)."""
+    import os
+    import subprocess
+    import sys
+
+    fill_cache(tmp_path / "cache", REPO_ID, ckpts["siglip_sharded"][1])
+    ours_logits, expected = tmp_path / "logits.pt", forward_pair("siglip", ckpts["siglip"][0], ckpts["siglip"][0])[1]
+    code = f"""
+import sys
+import torch
+import fastsiglip
+model = fastsiglip.load({REPO_ID!r})
+gen = torch.Generator().manual_seed(1)
+ids = torch.randint(0, {TEXT["vocab_size"]}, (2, {TEXT["max_position_embeddings"]}), generator=gen)
+pixels = torch.randn(2, 3, 32, 32, generator=gen)
+with torch.no_grad():
+    torch.save(model(input_ids=ids, pixel_values=pixels).logits_per_image, {str(ours_logits)!r})
+print(sorted(m for m in ("transformers", "triton") if m in sys.modules))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "TRITON_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]"], f"fastsiglip.load imported {proc.stdout.strip()}"
+    torch.testing.assert_close(torch.load(ours_logits), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_local_files_only_argument(ckpts, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

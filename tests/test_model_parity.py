@@ -197,6 +197,25 @@ def test_fixres_two_tower(tmp_path, variant, masked):
         close("get_text_features", ours.get_text_features(**text_only), hf.get_text_features(**text_only).pooler_output)
 
 
+@pytest.mark.parametrize("interpolate_to", [None, (44, 30)], ids=["native", "interpolated"])
+def test_fixres_patch14_image_not_a_multiple(tmp_path, interpolate_to):
+    """So400m's head dim 72 and patch 14 at an image size that is no multiple of the patch, as
+    384 / 14 is: image 30 -> a 2 x 2 grid (Conv2d drops the last 2 pixels), and a (44, 30)
+    image interpolated to 3 x 2."""
+    vision = dict(VISION_72, image_size=30)
+    hf = make_hf("siglip", "SiglipModel", vision, TEXT_72)
+    ours = load_ours(hf, tmp_path)
+    assert ours.config.vision.position_grid == 2 and ours.config.vision.head_dim == 72
+    pixels = fixres_pixels(3, interpolate_to or 30)
+    inputs = dict(pixel_values=pixels, **text_inputs(3, 24, 300, masked=True), return_loss=True)
+    if interpolate_to:
+        inputs["interpolate_pos_encoding"] = True
+    with torch.no_grad():
+        out, ref = ours(**inputs), hf(**inputs)
+    compare_two_tower(out, ref)
+    close("loss", out.loss, ref.loss)
+
+
 @pytest.mark.parametrize("size", [(48, 40), (40, 40), (32, 32)])
 def test_fixres_interpolate_pos_encoding(tmp_path, size):
     hf = make_hf("siglip", "SiglipModel")
@@ -217,6 +236,19 @@ def test_naflex_two_tower(tmp_path, masked):
         compare_two_tower(out, ref, pixels["pixel_attention_mask"])
         close("loss", out.loss, ref.loss)
         close("get_image_features", ours.get_image_features(**pixels), hf.get_image_features(**pixels).pooler_output)
+
+
+def test_naflex_two_tower_head_dim_72_patch_14(tmp_path):
+    """NaFlex with So400m's head dim 72 and patch 14 (588 values per patchified patch)."""
+    hf = make_hf("siglip2", "SiglipModel", VISION_72, TEXT_72)
+    ours = load_ours(hf, tmp_path)
+    assert ours.config.vision.head_dim == 72
+    pixels = naflex_pixels(patch=VISION_72["patch_size"])
+    inputs = dict(**pixels, **text_inputs(len(SPATIAL_SHAPES), 24, 300, masked=True), return_loss=True)
+    with torch.no_grad():
+        out, ref = ours(**inputs), hf(**inputs)
+    compare_two_tower(out, ref, pixels["pixel_attention_mask"])
+    close("loss", out.loss, ref.loss)
 
 
 def test_naflex_gradients(tmp_path):
@@ -259,6 +291,29 @@ def test_ops_get_contiguous_inputs(monkeypatch, family):
     batch = pixels["pixel_values"].shape[0]
     model(**pixels, **text_inputs(batch, masked=True), return_loss=True).loss.backward()
     assert set(seen) == {"layer_norm", "mlp", "attention", "sigmoid_loss"}
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_output_hidden_states(tmp_path, family):
+    """output_hidden_states: the embeddings, then every layer's output, before the final norm
+    (NaFlex: real positions); output_attentions=True is refused with a reason."""
+    hf = make_hf(family, "SiglipModel")
+    ours = load_ours(hf, tmp_path)
+    pixels = naflex_pixels() if family == "siglip2" else {"pixel_values": fixres_pixels(3)}
+    inputs = dict(**pixels, **text_inputs(pixels["pixel_values"].shape[0], masked=True), output_hidden_states=True)
+    with torch.no_grad():
+        out, ref = ours(**inputs), hf(**inputs)
+        assert ours(**dict(inputs, output_hidden_states=False)).vision_model_output.hidden_states is None
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            ours(**inputs, output_attentions=True)
+    keep = pixels.get("pixel_attention_mask")
+    for tower, mask in (("vision_model_output", keep), ("text_model_output", None)):
+        states, expected = out[tower].hidden_states, ref[tower].hidden_states
+        assert len(states) == len(expected) == VISION["num_hidden_layers"] + 1
+        for i, (a, b) in enumerate(zip(states, expected)):
+            if mask is not None:
+                a, b = a[mask.bool()], b[mask.bool()]
+            close(f"{tower} hidden_states[{i}]", a, b)
 
 
 def test_output_objects(tmp_path):
@@ -367,6 +422,58 @@ def test_preset_meta_matches_transformers(name):
     assert all(p.is_meta for p in ours.parameters())
     theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_config_defaults_are_transformers_defaults(family):
+    """config.json files leave out what equals transformers' defaults (the hub's SigLIP configs
+    omit vocab_size, image_size, ...): a missing key must read as transformers reads it."""
+    ours = fconfig.from_dict({"model_type": family})
+    prefix = "Siglip2" if family == "siglip2" else "Siglip"
+    for tower, cls in ((ours.vision, f"{prefix}VisionConfig"), (ours.text, f"{prefix}TextConfig")):
+        theirs = getattr(transformers, cls)().to_dict()
+        for f in dataclasses.fields(tower):
+            if f.name in theirs:
+                assert getattr(tower, f.name) == theirs[f.name], f"{cls}.{f.name}"
+
+
+def test_presets_are_consistent():
+    """Every preset: its name's patch and resolution, the vocabulary of its family (SigLIP 2:
+    Gemma's 256000), head dims the attention kernel compiles for, and a lossless config.json
+    round trip. The hub-id form resolves too."""
+    from fastsiglip import ops
+
+    for name in fconfig.PRESETS:
+        cfg = fconfig.preset(name)
+        parts = name.split("-")
+        patch = next(int(p.removeprefix("patch")) for p in parts if p.startswith("patch"))
+        assert cfg.vision.patch_size == patch, name
+        if parts[-1] == "naflex":
+            assert cfg.naflex and cfg.vision.num_patches == 256, name
+        else:
+            assert not cfg.naflex and cfg.vision.image_size == int(parts[parts.index(f"patch{patch}") + 1]), name
+        assert (cfg.text.vocab_size == 256000) == name.startswith("siglip2"), name
+        assert {cfg.vision.head_dim, cfg.text.head_dim} <= set(ops.ATTENTION_HEAD_DIMS), name
+        assert fconfig.from_dict(fconfig.to_dict(cfg)) == cfg, name
+    assert fconfig.preset("google/siglip-so400m-patch14-224").text.max_position_embeddings == 16
+    with pytest.raises(ValueError, match="known presets"):
+        fconfig.preset("siglip-tiny")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_naflex_cuda_with_mask_and_shapes_left_on_cpu(tmp_path):
+    """The processor's pixel_attention_mask / spatial_shapes may stay on the CPU while the pixels
+    and the model are on the GPU (transformers accepts that); the model moves them."""
+    hf = make_hf("siglip2", "SiglipModel")
+    ours = load_ours(hf, tmp_path).cuda()
+    pixels = naflex_pixels()
+    text = text_inputs(len(SPATIAL_SHAPES), masked=True)
+    with torch.no_grad():
+        ref = hf(**pixels, **text)
+        out = ours(**dict(pixels, pixel_values=pixels["pixel_values"].cuda()), input_ids=text["input_ids"].cuda(),
+                   attention_mask=text["attention_mask"])
+    close("logits_per_image", out.logits_per_image.cpu(), ref.logits_per_image, atol=1e-4, rtol=1e-4)
 
 
 def test_random_init_is_usable():
