@@ -7,15 +7,34 @@
     # [[{"score": 0.93, "label": "cat"}, {"score": 0.01, "label": "dog"}]]
 
 The processor (tokenizer + image settings) comes from the checkpoint the model was loaded
-from, unless one is passed. Texts are tokenized as the models were trained: padded to the
-checkpoint's length, no attention mask.
+from, unless one is passed. Texts are tokenized as the models were trained (big_vision):
+padded to the checkpoint's length, and encoded WITHOUT an attention mask, so the padding is
+attended to and the last position (padding for short texts) is pooled.
+
+Differences from transformers' zero-shot-image-classification pipeline (5.23), on purpose
+(tests/test_api.py checks each one):
+  * SigLIP 2: the Gemma tokenizers transformers builds (GemmaTokenizer, Siglip2Tokenizer)
+    return an ``attention_mask`` and the pipeline passes it on, so transformers masks the
+    padding that the SigLIP 2 text tower attended to in training (huggingface/transformers#39269).
+    Scores here equal the pipeline's with the mask left out (tokenizer.model_input_names =
+    ["input_ids"], what the SigLIP 1 checkpoints declare). The pipeline's
+    ``tokenizer_kwargs`` cannot do this: 5.23 accepts it and then drops it.
+  * SigLIP 2 FixRes (config.json model_type "siglip" + tokenizer.model): transformers loads
+    a GemmaTokenizer, which keeps case; SigLIP 2 lowercases (Siglip2Tokenizer, used for the
+    NaFlex checkpoints, does). Scores here equal the pipeline's on lowercased prompts;
+    ``load_processor(..., lowercase=False)`` gives the pipeline's own.
+  * The pipeline pads texts to 64 tokens whatever the checkpoint; here to the checkpoint's
+    text length (text_config.max_position_embeddings), the length it was trained with. The
+    two agree for length-64 checkpoints; for others the pipeline's input does not fit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -24,6 +43,11 @@ import torch.nn.functional as F
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_TEMPLATE = "This is a photo of {}."
+# A checkpoint's fingerprint reads these files whole when small, else their first and last MiB
+# (the safetensors header and the first and last tensors' data): cheap for a 4 GB model, and any
+# change of weights, config or tokenizer shows up in practice.
+FINGERPRINT_SUFFIXES = (".json", ".model", ".safetensors")
+FINGERPRINT_BYTES = 1 << 20
 
 
 def _processor(model, processor):
@@ -43,6 +67,7 @@ def _processor(model, processor):
 
 
 def _to_model(inputs: dict, model) -> dict:
+    """Inputs onto the model's device; pixel values also in its dtype (bf16 model: bf16 pixels)."""
     param = next(model.parameters())
     out = {}
     for key, value in inputs.items():
@@ -65,14 +90,20 @@ def _encode_image_batch(model, processor, images, max_num_patches=None, skip_err
 
 
 def _check_batch_size(batch_size):
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+def _as_list(items):
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
 def encode_images(model, images, *, processor=None, batch_size: int = 32, max_num_patches=None) -> torch.Tensor:
-    """L2-normalized image embeddings [N, D] (float32, on the model's device)."""
+    """L2-normalized image embeddings [N, D] (float32, on the model's device).
+
+    max_num_patches: NaFlex patch budget for this call (default: the processor's)."""
     _check_batch_size(batch_size)
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    images = _as_list(images)
     if not images:
         raise ValueError("encode_images got no images")
     proc = _processor(model, processor)
@@ -81,46 +112,66 @@ def encode_images(model, images, *, processor=None, batch_size: int = 32, max_nu
 
 
 def encode_texts(model, texts, *, processor=None, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalized text embeddings [N, D] (float32, on the model's device)."""
+    """L2-normalized text embeddings [N, D] (float32, on the model's device); texts padded (and
+    truncated, EOS kept) to the checkpoint's length, no attention mask (module doc)."""
     _check_batch_size(batch_size)
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ValueError("encode_texts got no texts")
     proc = _processor(model, processor)
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        ids = proc(text=texts[i:i + batch_size], padding="max_length", return_tensors="pt")["input_ids"]
+        ids = proc(text=texts[i:i + batch_size], padding="max_length", truncation=True)["input_ids"]  # [b, L]
         with torch.inference_mode():
-            out.append(F.normalize(model.get_text_features(input_ids=ids.to(next(model.parameters()).device)).float(), dim=-1))
+            out.append(F.normalize(model.get_text_features(input_ids=ids.to(device)).float(), dim=-1))
     return torch.cat(out)
 
 
-def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, processor=None, batch_size: int = 32,
-              skip_errors: bool = False):
-    """Per image, [{"score", "label"}, ...] sorted by score, scores = sigmoid(logits_per_image).
-
-    The same scores and order as transformers' zero-shot-image-classification pipeline.
-    With skip_errors, an unreadable image gives None in its place instead of an exception.
-    """
+def classify(model, images, labels, *, template: str = DEFAULT_TEMPLATE, processor=None, batch_size: int = 32,
+             max_num_patches=None, skip_errors: bool = True) -> dict:
+    """`zero_shot` with its failures: {"results": per image a sorted list, or None for an
+    unreadable one, "failed": [(image, error message)]}. The `fastsiglip classify` job.
+    Without skip_errors the first unreadable image raises ImageLoadError."""
+    _check_batch_size(batch_size)
+    if not hasattr(model, "logit_scale"):
+        raise ValueError(f"zero-shot classification needs a two-tower SiglipModel (image and text towers, "
+                         f"logit_scale, logit_bias); got {type(model).__name__}")
     labels = [labels] if isinstance(labels, str) else list(labels)
     if not labels:
         raise ValueError("zero_shot needs at least one label")
-    if "{}" not in template:
+    if not isinstance(template, str) or "{}" not in template:
         raise ValueError(f"template {template!r} has no '{{}}' where the label goes")
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    images = _as_list(images)
     proc = _processor(model, processor)
-    text = encode_texts(model, [template.format(label) for label in labels], processor=proc)
+    text = encode_texts(model, [template.format(label) for label in labels], processor=proc)  # [L, D]
+    # SigLIP's logits: cosine * exp(t') + b (Zhai et al. 2023, eq. 1); sigmoid gives each
+    # label's own probability, as the pipeline reports.
     scale, bias = model.logit_scale.float().exp(), model.logit_bias.float()
-    results = [None] * len(images)
+    results, failed = [None] * len(images), []
     for start in range(0, len(images), batch_size):
-        emb, indices, _ = _encode_image_batch(model, proc, images[start:start + batch_size], skip_errors=skip_errors)
+        emb, indices, bad = _encode_image_batch(model, proc, images[start:start + batch_size], max_num_patches,
+                                                skip_errors=skip_errors)
+        failed += bad
         if emb is None:
             continue
-        scores = torch.sigmoid(emb @ text.t() * scale + bias).tolist()
+        scores = torch.sigmoid(emb @ text.t() * scale + bias).tolist()  # [b, L]
         for i, row in zip(indices, scores):
             results[start + i] = [{"score": s, "label": label}
                                   for s, label in sorted(zip(row, labels), key=lambda x: -x[0])]
-    return results
+    return {"results": results, "failed": failed}
+
+
+def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, processor=None, batch_size: int = 32,
+              skip_errors: bool = False, max_num_patches=None):
+    """Per image, [{"score", "label"}, ...] sorted by score, scores = sigmoid(logits_per_image).
+
+    The labels, order and scores of transformers' zero-shot-image-classification pipeline, but
+    for the SigLIP 2 differences listed in the module doc. An unreadable image raises
+    ImageLoadError (naming it); with skip_errors it gives None in its place instead.
+    """
+    return classify(model, images, labels, template=template, processor=processor, batch_size=batch_size,
+                    max_num_patches=max_num_patches, skip_errors=skip_errors)["results"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +182,7 @@ def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, proces
 def list_images(inputs) -> list[str]:
     """Files as given, folders searched recursively for image files; sorted, de-duplicated."""
     found = []
-    for item in inputs:
+    for item in _as_list(inputs):
         path = pathlib.Path(item)
         if path.is_dir():
             found += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -140,6 +191,33 @@ def list_images(inputs) -> list[str]:
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def checkpoint_fingerprint(folder) -> str:
+    """sha256 of a checkpoint folder's config, tokenizer and weight files (see FINGERPRINT_BYTES)."""
+    h = hashlib.sha256()
+    folder = pathlib.Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in FINGERPRINT_SUFFIXES and p.is_file()
+                   and not p.name.startswith("."))
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _job_identity(model, proc, max_num_patches) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    folder = getattr(model, "checkpoint_dir", None)
+    image = proc.image_processor
+    settings = repr(image)
+    if image is not None and image.naflex:
+        settings += f" max_num_patches={max_num_patches or image.max_num_patches}"
+    return {"model": str(folder or ""), "fingerprint": checkpoint_fingerprint(folder) if folder else "",
+            "dtype": str(next(model.parameters()).dtype), "processing": settings}
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
@@ -161,40 +239,107 @@ def _save_safetensors(path, embeddings, meta):
 
 
 def _save_npy(path, embeddings, meta):
-    try:
-        import numpy as np
-    except ImportError as e:
-        raise RuntimeError("writing .npy needs numpy (pip install numpy); or write .safetensors") from e
+    import numpy as np
 
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, embeddings.numpy())
 
-    _atomic_write(path, write)
     side = path.with_name(path.name + ".json")  # the row -> file map, which .npy cannot hold
     _atomic_write(side, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    _atomic_write(path, write)
 
 
-def _load_partial(partial: pathlib.Path, model_id: str):
-    from safetensors import safe_open
+def _read_output(path: pathlib.Path):
+    """(embeddings [N, D], meta) of a finished output file (or a partial chunk)."""
+    if path.suffix == ".npy":
+        import numpy as np
 
-    with safe_open(str(partial), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        emb = f.get_tensor("embeddings")
-    if meta.get("model") != model_id:
-        raise ValueError(f"{partial} was written with model {meta.get('model')!r}, not {model_id!r}; "
-                         "delete it or run without --resume")
+        side = path.with_name(path.name + ".json")
+        if not side.is_file():
+            raise ValueError(f"{path} has no {side.name} (its row -> file map): cannot resume from it")
+        emb, meta = torch.from_numpy(np.load(path)), json.loads(side.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            emb, meta = f.get_tensor("embeddings"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    if "paths" not in meta or (meta["paths"] and emb.shape[0] != len(meta["paths"])):
+        raise ValueError(f"{path}: its rows and its list of paths disagree (not written by fastsiglip embed, or "
+                         "a .npy and its .json from different runs); delete it or run without --resume")
     return emb, meta
 
 
-def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = False, progress: bool = True,
-                processor=None) -> dict:
-    """Embed every image of `inputs` into `out` (.safetensors or .npy), rows in file order.
+def _check_same_job(what, meta: dict, identity: dict) -> None:
+    if meta.get("fingerprint") != identity["fingerprint"]:
+        raise ValueError(f"{what} was written with other checkpoint files (model {meta.get('model')!r}; "
+                         f"now {identity['model']!r}, whose config, tokenizer or weights differ: fingerprint "
+                         f"{str(meta.get('fingerprint'))[:12]} != {identity['fingerprint'][:12]}); its embeddings "
+                         "would not match new ones: delete it or run without --resume")
+    for key, value in identity.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{what} was written with another {key} ({meta.get(key)!r}, now {value!r}): "
+                             "its embeddings would not match new ones; delete it or run without --resume")
 
-    The work done so far is kept in `<out>.partial.safetensors` after every batch (written
-    atomically), so `resume=True` continues an interrupted run; `out` itself is written once,
-    atomically, at the end. Unreadable files are skipped and listed (returned, and stored in
-    the output's metadata). Returns {"count", "paths", "failed"}.
+
+class _Partial:
+    """`<out>.partial/`: the work of an unfinished run, one safetensors file per batch (each
+    written once, atomically: a run of N images writes O(N) bytes however often it stops)."""
+
+    def __init__(self, out: pathlib.Path, identity: dict):
+        self.folder = out.with_name(out.name + ".partial")
+        self.identity = identity
+        self.count = 0
+
+    def chunks(self):
+        return sorted(self.folder.glob("[0-9]*.safetensors"))
+
+    def load(self):
+        """(embedding chunks, done paths, failures) saved by an earlier run of the same job."""
+        _check_same_job(str(self.folder), json.loads((self.folder / "job.json").read_text()), self.identity)
+        chunks, done, failed = [], [], []
+        for path in self.chunks():
+            emb, meta = _read_output(path)
+            if len(meta["paths"]):
+                chunks.append(emb)
+            done += meta["paths"]
+            failed += [tuple(x) for x in meta["failed"]]
+        self.count = len(self.chunks())
+        return chunks, done, failed
+
+    def start(self):
+        """A fresh partial folder (an old one of an earlier, un-resumed run is removed)."""
+        self.remove()
+        self.folder.mkdir()
+        (self.folder / "job.json").write_text(json.dumps(self.identity))
+
+    def add(self, embeddings, paths, failed):
+        emb = embeddings if embeddings is not None else torch.zeros(0, 0)
+        _save_safetensors(self.folder / f"{self.count:08d}.safetensors", emb, {"paths": paths, "failed": failed})
+        self.count += 1
+
+    def exists(self) -> bool:
+        return (self.folder / "job.json").is_file()
+
+    def remove(self):
+        if self.folder.is_dir():
+            for path in self.chunks():
+                path.unlink()
+            (self.folder / "job.json").unlink(missing_ok=True)
+            shutil.rmtree(self.folder, ignore_errors=True)  # leftovers: .tmp files of a killed write
+
+
+def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = False, progress: bool = True,
+                processor=None, max_num_patches=None) -> dict:
+    """Embed every image of `inputs` into `out` (.safetensors or .npy + .npy.json): L2-normalized
+    float32 rows, in the order of the "paths" the metadata lists (file order for one run).
+
+    The work done so far is kept in `<out>.partial/` after every batch, so `resume=True`
+    continues an interrupted run; `out` itself is written once, atomically, at the end. With
+    `resume=True` and a finished `out`, only files not in it are embedded (and appended). A
+    partial or output of another checkpoint (fingerprint of its files), dtype or image
+    settings is refused. Unreadable files are skipped and listed (returned, and stored in the
+    metadata). Returns {"count", "paths", "failed", "new"}; progress goes to stderr.
     """
     _check_batch_size(batch_size)
     out = pathlib.Path(out)
@@ -202,35 +347,45 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
         raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
     files = list_images(inputs)
     if not files:
-        raise ValueError(f"no image files found in {', '.join(map(str, inputs))}")
-    model_id = str(getattr(model, "checkpoint_dir", ""))
-    partial = out.with_name(out.name + ".partial.safetensors")
+        raise ValueError(f"no image files found in {', '.join(map(str, _as_list(inputs)))}")
+    proc = _processor(model, processor)
+    identity = _job_identity(model, proc, max_num_patches)
+    partial = _Partial(out, identity)
     chunks, done, failed = [], [], []
+    from_output = resume and not partial.exists() and out.exists()
     if resume and partial.exists():
-        emb, meta = _load_partial(partial, model_id)
-        chunks, done, failed = [emb], meta["paths"], [tuple(x) for x in meta["failed"]]
+        chunks, done, failed = partial.load()
+    elif from_output:  # a finished run: embed only the files added since
+        emb, meta = _read_output(out)
+        _check_same_job(str(out), meta, identity)
+        chunks, done, failed = [emb], list(meta["paths"]), [tuple(x) for x in meta["failed"]]
     seen = set(done) | {p for p, _ in failed}
     todo = [f for f in files if f not in seen]
-    proc = _processor(model, processor)
-    start, total = time.perf_counter(), len(files)
+    if not (resume and partial.exists()) and todo:
+        partial.start()
+        if from_output:
+            partial.add(chunks[0], done, failed)
+    start, total, new = time.perf_counter(), len(done) + len(failed) + len(todo), 0
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
-        emb, indices, batch_failures = _encode_image_batch(model, proc, batch, skip_errors=True)
+        emb, indices, batch_failures = _encode_image_batch(model, proc, batch, max_num_patches, skip_errors=True)
+        paths, bad = [batch[j] for j in indices], [(str(p), err) for p, err in batch_failures]
         if emb is not None:
-            chunks.append(emb.cpu())
-            done += [batch[j] for j in indices]
-        failed += [(str(p), err) for p, err in batch_failures]
-        _save_safetensors(partial, torch.cat(chunks), {"model": model_id, "paths": done, "failed": failed})
+            emb = emb.cpu()
+            chunks.append(emb)
+        partial.add(emb, paths, bad)
+        done, failed, new = done + paths, failed + bad, new + len(batch)
         if progress:
-            n = len(done) + len(failed)
-            rate = (i + len(batch)) / (time.perf_counter() - start)
-            print(f"\r{n}/{total} images  {rate:.1f} images/s", end="", file=sys.stderr, flush=True)
-    if progress:
+            rate = new / (time.perf_counter() - start)
+            print(f"\r{len(done) + len(failed)}/{total} images  {rate:.1f} images/s", end="", file=sys.stderr,
+                  flush=True)
+    if progress and todo:
         print(file=sys.stderr)
     if not chunks:
+        partial.remove()
         raise ValueError(f"none of the {total} files could be read; first error: {failed[0][1] if failed else '?'}")
-    embeddings = torch.cat(chunks)
-    meta = {"model": model_id, "paths": done, "failed": failed}
-    (_save_safetensors if out.suffix == ".safetensors" else _save_npy)(out, embeddings, meta)
-    partial.unlink(missing_ok=True)
-    return {"count": len(done), "paths": done, "failed": failed}
+    if todo or not out.exists():
+        meta = dict(identity, paths=done, failed=failed)
+        (_save_safetensors if out.suffix == ".safetensors" else _save_npy)(out, torch.cat(chunks), meta)
+    partial.remove()
+    return {"count": len(done), "paths": done, "failed": failed, "new": len(todo)}

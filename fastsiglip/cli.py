@@ -1,8 +1,11 @@
 """The `fastsiglip` command: bench, classify, embed.
 
     fastsiglip bench --preset siglip2-base-patch16-224      # random weights, no download
-    fastsiglip classify IMG... --labels cat dog [--model ID] [--json]
+    fastsiglip classify IMG... --labels cat dog [--model ID] [--json] [--max-num-patches N]
     fastsiglip embed DIR_OR_FILES... --out emb.safetensors [--model ID] [--batch-size N] [--resume]
+
+classify exits 0 when every image was classified, 1 when some could not be read (listed on
+stderr), 2 on an error that stopped the job (message on stderr).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _dtype(name: str | None, device: torch.device) -> torch.dtype:
     except AttributeError:
         dtype = None
     if not isinstance(dtype, torch.dtype):
-        raise SystemExit(f"--dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
+        raise ValueError(f"--dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
     return dtype
 
 
@@ -94,35 +97,60 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_classify(args) -> int:
-    from .api import zero_shot
+def _load_for_job(args):
     from .loading import load
 
-    model = load(args.model, device=_device(args.device))
-    results = zero_shot(model, args.images, args.labels, template=args.template, skip_errors=True)
+    device = _device(args.device)
+    return load(args.model, device=device, dtype=None if args.dtype is None else _dtype(args.dtype, device))
+
+
+def cmd_classify(args) -> int:
+    """Exit status 0: every image classified; 1: some could not be read (listed on stderr and,
+    with --json, as {"image", "error"} entries); 2: nothing done (bad arguments, model)."""
+    from .api import classify
+
+    model = _load_for_job(args)
+    report = classify(model, args.images, args.labels, template=args.template, batch_size=args.batch_size,
+                      max_num_patches=args.max_num_patches)
+    errors = {str(image): error for image, error in report["failed"]}
+    for image, error in errors.items():
+        print(f"skipped {image}: {error}", file=sys.stderr)
     if args.json:
-        print(json.dumps([{"image": str(img), "results": res} for img, res in zip(args.images, results)], indent=2))
-        return 0 if all(r is not None for r in results) else 1
-    for image, res in zip(args.images, results):
-        if res is None:
-            continue
-        print(image)
-        for item in res:
-            print(f"  {item['score']:.4f}  {item['label']}")
-    return 0 if all(r is not None for r in results) else 1
+        print(json.dumps([{"image": str(img), "error": errors.get(str(img), "unreadable")} if res is None
+                          else {"image": str(img), "results": res}
+                          for img, res in zip(args.images, report["results"])], indent=2))
+    else:
+        for image, res in zip(args.images, report["results"]):
+            if res is not None:
+                print(image)
+                for item in res:
+                    print(f"  {item['score']:.4f}  {item['label']}")
+    return 1 if report["failed"] else 0
 
 
 def cmd_embed(args) -> int:
     from .api import embed_files
-    from .loading import load
 
-    model = load(args.model, device=_device(args.device))
+    model = _load_for_job(args)
     report = embed_files(model, args.inputs, args.out, batch_size=args.batch_size, resume=args.resume,
-                         progress=not args.quiet)
+                         progress=not args.quiet, max_num_patches=args.max_num_patches)
     for path, error in report["failed"]:
         print(f"skipped {path}: {error}", file=sys.stderr)
-    print(f"wrote {report['count']} embeddings to {args.out}" + (f" ({len(report['failed'])} skipped)" if report["failed"] else ""))
+    skipped = f" ({len(report['failed'])} skipped)" if report["failed"] else ""
+    if report["new"] == 0:
+        print(f"{args.out} is complete: {report['count']} embeddings, no new files{skipped}")
+    else:
+        print(f"wrote {report['count']} embeddings to {args.out}{skipped}")
     return 0
+
+
+def _job_options(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or checkpoint folder (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-num-patches", type=int, help="NaFlex checkpoints: patch budget per image "
+                        "(default: the checkpoint's, usually 256)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as the checkpoint stores it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,28 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     classify = sub.add_parser("classify", help="zero-shot classification of images")
     classify.add_argument("images", nargs="+")
     classify.add_argument("--labels", nargs="+", required=True)
-    classify.add_argument("--model", default=DEFAULT_MODEL)
     classify.add_argument("--template", default="This is a photo of {}.")
-    classify.add_argument("--device")
-    classify.add_argument("--json", action="store_true", help="print JSON")
+    classify.add_argument("--json", action="store_true", help='print JSON: [{"image", "results": [{"score", '
+                          '"label"}, ...]} or {"image", "error"}, ...] in the order of the images')
+    _job_options(classify)
     classify.set_defaults(func=cmd_classify)
 
     embed = sub.add_parser("embed", help="L2-normalized image embeddings of files or folders")
     embed.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    embed.add_argument("--out", required=True, help="output file: .safetensors or .npy")
-    embed.add_argument("--model", default=DEFAULT_MODEL)
-    embed.add_argument("--batch-size", type=int, default=32)
-    embed.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    embed.add_argument("--device")
+    embed.add_argument("--out", required=True, help="output file: .safetensors or .npy (+ .npy.json)")
+    embed.add_argument("--resume", action="store_true", help="continue an interrupted run, or add new files "
+                       "to a finished output (same checkpoint and settings only)")
     embed.add_argument("--quiet", action="store_true", help="no progress line")
+    _job_options(embed)
     embed.set_defaults(func=cmd_embed)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        raise SystemExit("--batch-size must be at least 1")
+    for option in ("batch_size", "max_num_patches"):
+        if getattr(args, option, None) is not None and getattr(args, option) < 1:
+            print(f"fastsiglip {args.command}: error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -264,6 +264,39 @@ def test_exif_orientation_applied_to_paths_and_pil_images(tmp_path):
     assert load_image(str(path)).size == (30, 50)
 
 
+# What each EXIF orientation asks a viewer to do to the stored pixels (EXIF 2.32, tag 0x0112),
+# written out here rather than taken from ImageOps.exif_transpose, which fastsiglip itself uses.
+EXIF_TO_UPRIGHT = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_TO_UPRIGHT))
+def test_exif_rotated_jpeg_equals_pre_rotated_image(tmp_path, orientation):
+    # A camera JPEG stored sideways with its orientation tag gives exactly the pixels of the same
+    # decoded JPEG turned upright by hand (JPEG is lossy, so the reference is the decoded file,
+    # not the array it was saved from), as a path and as an opened PIL image, FixRes and NaFlex.
+    stored = Image.fromarray(_noise(12, 20, seed=5)).resize((80, 48), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"camera{orientation}.jpg"
+    stored.save(path, quality=92, exif=exif)
+    with Image.open(path) as decoded:
+        # Pixels only: a converted/transposed PIL image keeps the file's EXIF in .info, and
+        # fastsiglip turns PIL images with an orientation tag upright (processing.py).
+        upright = Image.fromarray(np.asarray(decoded.convert("RGB")))
+        assert upright.size == (80, 48), "the file holds the sideways pixels"
+    if EXIF_TO_UPRIGHT[orientation] is not None:
+        upright = upright.transpose(EXIF_TO_UPRIGHT[orientation])
+    assert upright.size == ((48, 80) if orientation >= 5 else (80, 48))
+    for ours, kwargs in ((ImageProcessor.from_dict(FIXRES_CONFIGS["other-96"]), {}),
+                         (ImageProcessor.from_dict(NAFLEX_CONFIG), {"max_num_patches": 24})):
+        expected = ours(upright, **kwargs)
+        _assert_equal(expected, ours(str(path), **kwargs))
+        _assert_equal(expected, ours(Image.open(path), **kwargs))
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(upright))
+
+
 def test_alpha_in_files_composited_onto_white(tmp_path):
     # Deliberate: transformers' load_image does convert("RGB") on paths (alpha dropped, hidden
     # colour shows); fastsiglip composites onto white for paths as it does for PIL images.
