@@ -59,6 +59,9 @@ def _worker(rank, world, port, b_img, b_txt, out):
         uneven = torch.randn(3 + rank, D, dtype=torch.float64)
         with pytest.raises(ValueError, match="same number of images"):
             distributed_sigmoid_loss(uneven, uneven, scale, bias)
+        # Every rank done with the group before any tears it down: gloo aborts a process whose
+        # peer closes the connection under it ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
