@@ -34,11 +34,12 @@ float32 inputs use IEEE dots (no TF32), so they meet float32 tolerances.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import INTERPRET, check_device
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -60,7 +61,6 @@ PREPROCESS_ROWS = 64  # rows per program of the delta = rowsum(dO * O) kernel
 # below INT32_LIMIT (copying the operand to the contiguous layout, token stride H * D, if needed)
 # and refuses a single sequence longer than that.
 INT32_LIMIT = 2**31
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _config(bm, bn, stages, warps):
@@ -544,13 +544,7 @@ def _check_tensors(q, k, v):
                         "or float32); cast the inputs, or use fastsiglip.reference.attention")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device}); "
-                         "move them to one device")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"attention: the Triton kernel needs CUDA tensors, got {q.device}; move the inputs to "
-                         "CUDA, or set FASTSIGLIP_IMPL=reference (or TRITON_INTERPRET=1 for the slow CPU "
-                         "interpreter)")
+    check_device("attention", {"q": q, "k": k, "v": v})
     head_dim = q.shape[-1] if q.dim() else 0
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"attention: head dim {head_dim} is not supported by the Triton kernel (supported: "

@@ -37,15 +37,15 @@ contiguous is copied (`.contiguous()`) first, and so are strided weight and bias
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import INTERPRET, check_device
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 8192  # the widest row kept in registers (two 4096-wide pieces)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Backward grid: SM count x BWD_PROGRAMS_PER_SM programs, but each program reduces at least
 # BWD_MIN_ROWS rows: a program's partial dw, db rows (2 N float32, written then read again) cost
@@ -269,7 +269,6 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds_in=None):
         s, weight, mean, rstd = ctx.saved_tensors
-        N = s.shape[1]
         dsin = None if ds_in is None else _row_major(ds_in)
         if dy is None:  # only s was used: the LayerNorm contributes nothing
             ds = torch.zeros_like(s) if dsin is None else dsin
@@ -317,12 +316,5 @@ def layer_norm(x, weight, bias, eps=1e-6, residual=None):
             raise TypeError(f"layer_norm: residual dtype {residual.dtype} differs from x's {x.dtype}; "
                             "cast one of them")
     tensors = {"x": x, "weight": weight, "bias": bias, **({} if residual is None else {"residual": residual})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError("layer_norm: all tensors must be on one device, got "
-                         + ", ".join(f"{name} on {d}" for name, d in devices.items()))
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"layer_norm: the Triton kernel needs CUDA tensors, got {x.device}; move the tensors to "
-                         "CUDA, or use fastsiglip.reference.layer_norm (FASTSIGLIP_IMPL=reference), or set "
-                         "TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
+    check_device("layer_norm", tensors)
     return LayerNormFunction.apply(x, weight, bias, residual, float(eps))

@@ -23,11 +23,12 @@ the transient write is M*I elements, once.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import INTERPRET, check_device
 
 # GELU, tanh approximation (Hendrycks & Gimpel 2016), exactly as F.gelu(approximate="tanh"):
 #   gelu(x)  = 0.5 x (1 + tanh u),  u = SQRT_2_OVER_PI (x + GELU_COEF x^3)
@@ -61,7 +62,6 @@ SPLIT_K_MIN_CHUNK = 2048
 SPLIT_K_MAX = 16
 SPLIT_K_ALIGN = 64  # split boundaries: a multiple of every config's BLOCK_K
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _config(bm, bn, bk, stages, warps):
@@ -332,14 +332,7 @@ def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
     for name, t in tensors.items():
         if t.dtype != x.dtype:
             raise TypeError(f"mlp: {name} is {t.dtype} but x is {x.dtype}; all inputs must share one dtype")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{k} on {v.device}" for k, v in tensors.items())
-        raise ValueError(f"mlp: inputs are on different devices ({where}); move them to one device")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"mlp: the Triton kernel needs CUDA tensors, got {x.device}; move the inputs to "
-                         "CUDA, or set FASTSIGLIP_IMPL=reference (or TRITON_INTERPRET=1 for the slow "
-                         "CPU interpreter)")
+    check_device("mlp", tensors)
     if x.dim() < 1 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         raise ValueError(f"mlp: expected x [..., C], fc1_weight [I, C], fc2_weight [C, I]; got shapes "
                          f"{tuple(x.shape)}, {tuple(fc1_weight.shape)}, {tuple(fc2_weight.shape)}")

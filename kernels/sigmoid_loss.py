@@ -47,14 +47,14 @@ overflow for any finite x.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import INTERPRET, check_device
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Default block side: 8192^2 pairs is 128 MiB of G in 16-bit (256 MiB in float32), big enough
 # that the accumulating GEMMs (K = chunk_size) run near peak and the per-block launches are noise.
 DEFAULT_CHUNK = 8192
@@ -308,14 +308,8 @@ def _check(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, posit
                          f"{image_embeds.dtype}; cast, or use fastsiglip.reference.sigmoid_loss")
     if not logit_scale.is_floating_point() or not logit_bias.is_floating_point():
         raise ValueError("sigmoid_loss: logit_scale and logit_bias must be floating-point tensors")
-    devices = {t.device for t in (image_embeds, text_embeds, logit_scale, logit_bias)}
-    if len(devices) != 1:
-        raise ValueError(f"sigmoid_loss: all inputs must be on one device, got {sorted(map(str, devices))}; move "
-                         "logit_scale and logit_bias to the embeddings' device")
-    if image_embeds.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"sigmoid_loss: the Triton kernel needs CUDA tensors, got {image_embeds.device}; move the "
-                         "inputs to CUDA, or use fastsiglip.reference.sigmoid_loss (FASTSIGLIP_IMPL=reference), or "
-                         "set TRITON_INTERPRET=1 for the slow CPU interpreter")
+    check_device("sigmoid_loss", {"image_embeds": image_embeds, "text_embeds": text_embeds,
+                                  "logit_scale": logit_scale, "logit_bias": logit_bias})
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"sigmoid_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):

@@ -15,6 +15,7 @@ from fastsiglip import ops, reference
 from fastsiglip.kernels import layer_norm
 
 ln_module = importlib.import_module("fastsiglip.kernels.layer_norm")
+device_module = importlib.import_module("fastsiglip.kernels._device")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -200,7 +201,7 @@ def test_layer_norm_bad_input(make_call, error, match):
 
 
 def test_layer_norm_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(ln_module, "INTERPRET", False)
+    monkeypatch.setattr(device_module, "INTERPRET", False)
     x, w, b, _ = make_inputs((2,), 16, residual=False, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors.*FASTSIGLIP_IMPL=reference"):
         layer_norm(x, w, b)

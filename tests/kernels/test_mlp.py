@@ -12,6 +12,8 @@ import torch
 from fastsiglip import ops, reference
 from fastsiglip.kernels import mlp
 
+device_module = importlib.import_module("fastsiglip.kernels._device")
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "residual")
@@ -213,7 +215,7 @@ def test_rejects_mismatched_shapes(which, shape, message):
 
 
 def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(device_module, "INTERPRET", False)
     inputs = make_inputs((2,), 16, 64, device="cpu")
     with pytest.raises(ValueError, match="move the inputs to CUDA.*FASTSIGLIP_IMPL=reference"):
         mlp(*inputs)
