@@ -66,17 +66,11 @@ def _processor(model, processor):
     return model._fastsiglip_processor
 
 
-def _to_model(inputs: dict, model) -> dict:
-    """Inputs onto the model's device; pixel values also in its dtype (bf16 model: bf16 pixels)."""
+def _pixels_to_model(inputs: dict, model) -> dict:
+    """Pixel values onto the model's device, in its dtype (bf16 model: bf16 pixels, half the copy).
+    NaFlex's mask and shapes stay where they are: the vision tower moves them itself."""
     param = next(model.parameters())
-    out = {}
-    for key, value in inputs.items():
-        if key == "pixel_values":
-            value = value.to(param.device, param.dtype)
-        elif isinstance(value, torch.Tensor):
-            value = value.to(param.device)
-        out[key] = value
-    return out
+    return dict(inputs, pixel_values=inputs["pixel_values"].to(param.device, param.dtype))
 
 
 def _encode_image_batch(model, processor, images, max_num_patches=None, skip_errors=False):
@@ -85,7 +79,7 @@ def _encode_image_batch(model, processor, images, max_num_patches=None, skip_err
     if batch.pixel_inputs is None:
         return None, [], batch.failed
     with torch.inference_mode():
-        emb = model.get_image_features(**_to_model(batch.pixel_inputs, model))
+        emb = model.get_image_features(**_pixels_to_model(batch.pixel_inputs, model))
     return F.normalize(emb.float(), dim=-1), batch.indices, batch.failed
 
 
@@ -297,14 +291,14 @@ class _Partial:
     def load(self):
         """(embedding chunks, done paths, failures) saved by an earlier run of the same job."""
         _check_same_job(str(self.folder), json.loads((self.folder / "job.json").read_text()), self.identity)
-        chunks, done, failed = [], [], []
-        for path in self.chunks():
+        files, chunks, done, failed = self.chunks(), [], [], []
+        for path in files:
             emb, meta = _read_output(path)
             if len(meta["paths"]):
                 chunks.append(emb)
             done += meta["paths"]
             failed += [tuple(x) for x in meta["failed"]]
-        self.count = len(self.chunks())
+        self.count = len(files)
         return chunks, done, failed
 
     def start(self):
@@ -352,8 +346,9 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
     identity = _job_identity(model, proc, max_num_patches)
     partial = _Partial(out, identity)
     chunks, done, failed = [], [], []
-    from_output = resume and not partial.exists() and out.exists()
-    if resume and partial.exists():
+    resuming = resume and partial.exists()
+    from_output = resume and not resuming and out.exists()
+    if resuming:
         chunks, done, failed = partial.load()
     elif from_output:  # a finished run: embed only the files added since
         emb, meta = _read_output(out)
@@ -361,7 +356,7 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
         chunks, done, failed = [emb], list(meta["paths"]), [tuple(x) for x in meta["failed"]]
     seen = set(done) | {p for p, _ in failed}
     todo = [f for f in files if f not in seen]
-    if not (resume and partial.exists()) and todo:
+    if not resuming and todo:
         partial.start()
         if from_output:
             partial.add(chunks[0], done, failed)
