@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import floor_ms, measure_ceilings, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    floor_ms, measure_ceilings, parse_args, peak_memory_mb, require_cuda, time_ms, write_results,
+)
 
 from fastsiglip import ops, reference  # noqa: E402
 from fastsiglip.kernels import attention  # noqa: E402
@@ -53,6 +55,11 @@ def naflex_lengths(batch, budget, gen):
         h = max(1, min(budget, int(math.sqrt(budget * r))))
         lens.append(h * max(1, budget // h))
     return lens
+
+
+def padding_mask(lens, budget):
+    """[B, budget] bool, True on each image's first lens[b] patches (the padded batch's valid tokens)."""
+    return torch.arange(budget, device="cuda") < torch.tensor(lens, device="cuda")[:, None]
 
 
 def flops_fwd(lens_q, lens_k, heads, head_dim):
@@ -117,9 +124,7 @@ def naflex_cases(batch, ceilings, gen):
             q, k, v = leaves(*[(total, heads, head_dim)] * 3, gen=gen)
             # The transformers way: padded [B, N, H, D], additive mask [B, 1, N, N] (built once per
             # forward in transformers, so outside the timing), SDPA picks its backend.
-            mask = torch.zeros(batch, budget, dtype=torch.bool, device="cuda")
-            for i, n in enumerate(lens):
-                mask[i, :n] = True
+            mask = padding_mask(lens, budget)
             packing = ops.packing_from_mask(mask)
             qp, kp, vp = (ops.unpack(t.detach(), packing).transpose(1, 2).contiguous().requires_grad_()
                           for t in (q, k, v))  # [B, H, N, D]
@@ -180,9 +185,7 @@ def pooling_cases(batch, ceilings, gen):
     hidden = head_dim * heads
     for budget in NAFLEX_BUDGETS:
         lens = naflex_lengths(batch, budget, torch.Generator().manual_seed(budget))
-        mask = torch.zeros(batch, budget, dtype=torch.bool, device="cuda")
-        for i, n in enumerate(lens):
-            mask[i, :n] = True
+        mask = padding_mask(lens, budget)
         packing = ops.packing_from_mask(mask)
         mha = torch.nn.MultiheadAttention(hidden, heads, batch_first=True, device="cuda", dtype=DTYPE)
         probe = torch.randn(1, 1, hidden, device="cuda", dtype=DTYPE, generator=gen)
@@ -230,13 +233,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256, help="images per NaFlex / pooling batch")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which case groups to run")
-    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench/attention.py")
     gen = torch.Generator(device="cuda").manual_seed(0)
     errs = check_correctness(gen)
     ceilings = measure_ceilings(DTYPE)
-    print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {ceilings['copy_gbps']:.0f} GB/s copy")
     runners = {"naflex": lambda: naflex_cases(args.batch, ceilings, gen), "dense": lambda: dense_cases(ceilings, gen),
                "pool": lambda: pooling_cases(args.batch, ceilings, gen)}
     rows = [row for case in args.cases for row in runners[case]()]

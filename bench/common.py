@@ -8,7 +8,9 @@ markdown table with `write_results`.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib
 import json
 import pathlib
 import re
@@ -17,11 +19,29 @@ import sys
 import torch
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
 
 
 def require_cuda(script: str) -> None:
     if not torch.cuda.is_available():
         sys.exit(f"{script}: needs a CUDA GPU (these are GPU kernel benchmarks); run it on the GPU machine")
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The script's options plus the --out-dir every bench script takes (last in --help)."""
+    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    return parser.parse_args()
+
+
+def optional_peer(module: str, attr: str):
+    """`module.attr` from a peer package that may be absent, or "not installed (<error>)"."""
+    try:
+        found = importlib.import_module(module)
+        if not hasattr(found, attr):  # what `from module import attr` raises
+            raise ImportError(f"cannot import name {attr!r} from {module!r}")
+        return getattr(found, attr)
+    except Exception as e:  # noqa: BLE001 -- any import failure means "not available here"
+        return f"not installed ({type(e).__name__})"
 
 
 def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -42,7 +62,7 @@ def peak_memory_mb(fn) -> float:
 
 
 def measure_ceilings(dtype=torch.bfloat16) -> dict:
-    """Measured matmul TFLOP/s (8192^3 GEMM in `dtype`) and copy bandwidth (1 GiB copy), GB/s."""
+    """Measured matmul TFLOP/s (8192^3 GEMM in `dtype`) and copy bandwidth (1 GiB copy), GB/s; printed."""
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
@@ -50,7 +70,10 @@ def measure_ceilings(dtype=torch.bfloat16) -> dict:
     src = torch.randn(2**28, device="cuda")  # 1 GiB of float32
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src))
-    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
+    ceilings = {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
+    print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s {str(dtype).removeprefix('torch.')} matmul, "
+          f"{ceilings['copy_gbps']:.0f} GB/s copy")
+    return ceilings
 
 
 def floor_ms(flops: float, bytes_moved: float, ceilings: dict) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
+from common import parse_args, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
 
 DEFAULT_PRESETS = ["siglip2-base-patch16-224", "siglip2-so400m-patch14-384", "siglip2-base-patch16-naflex"]
 
@@ -60,8 +60,7 @@ def main():
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench/end_to_end.py")
     from fastsiglip.config import preset
     from fastsiglip.model import build

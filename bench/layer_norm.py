@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import floor_ms, measure_ceilings, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, floor_ms, measure_ceilings, optional_peer, parse_args, peak_memory_mb, require_cuda, time_ms,
+    write_results,
+)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPS = 1e-6
 DEVICE = "cuda"
 TARGET_TBPS = 2.5  # forward, effective
@@ -37,9 +39,8 @@ TARGET_VS_COMPILE = 1.0
 
 def liger_layer_norm():
     """Liger's LayerNorm as fn(x, w, b, eps, residual=None), or None when not installed."""
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except ImportError:
+    LigerLayerNormFunction = optional_peer("liger_kernel.ops.layer_norm", "LigerLayerNormFunction")
+    if isinstance(LigerLayerNormFunction, str):
         return None
     return lambda x, w, b, eps, residual=None: LigerLayerNormFunction.apply(x, w, b, eps)
 
@@ -102,32 +103,32 @@ def bench_shape(N, M, dtype, ceilings, impls, liger):
         these = dict(impls[variant])
         if variant == "plain":
             these["liger"] = liger
-        times = {}
+        fwd_args = (x, w, b, EPS) if res is None else (x, w, b, EPS, res)
+        times = {}  # impl -> (fwd ms, fwd+bwd ms); fastsiglip is timed first
         for impl, fn in these.items():
             if fn is None:
                 rows.append({"N": N, "rows": M, "variant": variant, "impl": impl, "note": "not installed"})
                 continue
             with torch.no_grad():
-                fn(x, w, b, EPS, res) if res is not None else fn(x, w, b, EPS)  # warm-up: compile, autotune
-                t_fwd = time_ms(lambda: fn(x, w, b, EPS, res) if res is not None else fn(x, w, b, EPS))
+                fn(*fwd_args)  # warm-up: compile, autotune
+                t_fwd = time_ms(lambda: fn(*fwd_args))
             xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
             rg = None if res is None else res.detach().requires_grad_()
             fwd_bwd(fn, xg, wg, bg, rg, dy, ds)  # warm-up: compiles the backward graph, autotunes
             t_train = time_ms(lambda: fwd_bwd(fn, xg, wg, bg, rg, dy, ds))
             peak = peak_memory_mb(lambda: fwd_bwd(fn, xg, wg, bg, rg, dy, ds))
             times[impl] = (t_fwd, t_train)
-            for part, ms, nbytes in (("fwd", t_fwd, bytes_fwd), ("fwd+bwd", t_train, bytes_train)):
+            ours_fwd, ours_train = times["fastsiglip"]
+            for part, ms, ours, nbytes in (("fwd", t_fwd, ours_fwd, bytes_fwd),
+                                           ("fwd+bwd", t_train, ours_train, bytes_train)):
                 tbps = nbytes / ms / 1e9
                 rows.append({"N": N, "rows": M, "variant": variant, "part": part, "impl": impl, "ms": ms,
                              "TB/s": tbps, "copy_frac": tbps * 1e3 / ceilings["copy_gbps"],
                              "floor_ms": floor_ms(0, nbytes, ceilings),
                              "floor_frac": floor_ms(0, nbytes, ceilings) / ms,
-                             **({"peak_mib": peak} if part == "fwd+bwd" else {})})
-        ours_fwd, ours_train = times["fastsiglip"]
-        for row in rows:  # speedup of fastsiglip over each baseline, on the baseline's row
-            if row.get("variant") == variant and row.get("N") == N and row.get("rows") == M \
-                    and row.get("impl") in times and row["impl"] != "fastsiglip":
-                row["fastsiglip_speedup"] = row["ms"] / (ours_fwd if row["part"] == "fwd" else ours_train)
+                             **({"peak_mib": peak} if part == "fwd+bwd" else {}),
+                             # on a baseline's row: how many times faster fastsiglip is
+                             **({"fastsiglip_speedup": ms / ours} if impl != "fastsiglip" else {})})
         fwd_tbps = bytes_fwd / ours_fwd / 1e9
         check = {
             "N": N, "rows": M, "variant": variant, "max_err": errs["fastsiglip"], "eager_err": errs["eager"],
@@ -146,15 +147,13 @@ def main():
     parser.add_argument("--widths", type=int, nargs="+", default=[768, 1152])
     parser.add_argument("--rows", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench/layer_norm.py")
     from fastsiglip import reference
     from fastsiglip.kernels import layer_norm as kernel
 
     dtype = DTYPES[args.dtype]
     ceilings = measure_ceilings(dtype)
-    print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s matmul, {ceilings['copy_gbps']:.0f} GB/s copy")
     # eager LN is F.layer_norm; eager "add + LN" is reference.layer_norm with a residual (x + r, then LN).
     ref_compiled = compiled(reference.layer_norm)
     impls = {variant: {"fastsiglip": kernel, "eager": reference.layer_norm, "torch.compile": ref_compiled}

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import floor_ms, measure_ceilings, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, floor_ms, measure_ceilings, parse_args, peak_memory_mb, require_cuda, time_ms, write_results,
+)
 
 SHAPES = {"vit-b": (768, 3072), "so400m": (1152, 4304)}  # hidden C -> intermediate I
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_params(C, I, dtype, gen, layers=1):
@@ -130,16 +131,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=50_000)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench/mlp.py")
     from fastsiglip import reference
 
     dtype = DTYPES[args.dtype]
     ceilings = measure_ceilings(dtype)
-    print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s matmul, {ceilings['copy_gbps']:.0f} GB/s copy")
     compiled = torch.compile(reference.mlp)
     rows = []
     for name in args.shapes:

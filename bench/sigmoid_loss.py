@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import floor_ms, measure_ceilings, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    floor_ms, measure_ceilings, optional_peer, parse_args, peak_memory_mb, require_cuda, time_ms, write_results,
+)
 
 COMPILE_MAX_B = 65536  # torch.compile per batch size costs ~30 s each; larger B OOMs anyway
 TARGET_B, TARGET_D = 65536, 768
@@ -49,19 +51,14 @@ def peers():
     from fastsiglip.kernels import sigmoid_loss
 
     out = {"fastsiglip": sigmoid_loss, "naive eager": naive_loss, "naive compile": torch.compile(naive_loss)}
-    try:
-        from open_clip.loss import SigLipLoss
-
+    SigLipLoss = optional_peer("open_clip.loss", "SigLipLoss")
+    if isinstance(SigLipLoss, str):
+        out["open_clip"] = SigLipLoss
+    else:
         oc = SigLipLoss()  # takes the scale already exponentiated, as open_clip's model returns it
         out["open_clip"] = lambda i, t, s, b: oc(i, t, s.exp(), b)
-    except Exception as e:  # noqa: BLE001 -- any import failure means "not available here"
-        out["open_clip"] = f"not installed ({type(e).__name__})"
-    try:
-        from siglip_kernel import fused_siglip_loss
-
-        out["siglip-kernel"] = fused_siglip_loss  # (img, txt, log_temp, bias), as documented
-    except Exception as e:  # noqa: BLE001
-        out["siglip-kernel"] = f"not installed ({type(e).__name__})"
+    # (img, txt, log_temp, bias), as documented
+    out["siglip-kernel"] = optional_peer("siglip_kernel", "fused_siglip_loss")
     return out
 
 
@@ -107,13 +104,11 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[768, 1152])
     ap.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144])
     ap.add_argument("--chunks", type=int, nargs="*", default=[4096, 8192, 16384])
-    ap.add_argument("--out-dir", default=None)
-    args = ap.parse_args()
+    args = parse_args(ap)
     require_cuda("bench/sigmoid_loss.py")
     from fastsiglip.kernels import sigmoid_loss
 
     ceilings = measure_ceilings(torch.bfloat16)
-    print(f"ceilings: {ceilings}")
     impls = peers()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
