@@ -359,7 +359,7 @@ class MultiheadAttentionPoolingHead(nn.Module):
         bq, bk, bv = self.attention.in_proj_bias.chunk(3)
         q = F.linear(self.probe.reshape(1, channels), wq, bq).view(1, *heads).expand(batch, *heads)  # [B, H, D]
         k, v = F.linear(x, wk, bk).view(-1, *heads), F.linear(x, wv, bv).view(-1, *heads)  # [T, H, D]
-        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=x.device)
+        cu_q = _fixed_cu_seqlens(batch, 1, x.device)  # one query per image
         out = ops.attention(q.contiguous(), k, v, cu_q, cu_seqlens, 1, max_seqlen)  # [B, H, D]
         out = self.attention.out_proj(out.reshape(batch, channels))
         return self.mlp(_norm(self.layernorm, out)[0], residual=out)  # [B, C]
@@ -483,8 +483,6 @@ class TextTransformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None,
                 output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         _check_text(input_ids, attention_mask, position_ids, self.config)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)  # the packing lives where the tokens do
         if position_ids is not None:
             position_ids = position_ids.to(input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # [B, L, C]
@@ -492,7 +490,7 @@ class TextTransformer(nn.Module):
         if attention_mask is not None:
             # transformers masks the keys only: every query, padding included, is computed.
             batch, length = input_ids.shape
-            keys = ops.packing_from_mask(attention_mask)
+            keys = ops.packing_from_mask(attention_mask.to(x.device))  # the packing lives where the tokens do
             all_tokens = _fixed_cu_seqlens(batch, length, x.device)
             layout = Layout(all_tokens, keys.cu_seqlens, length, length, keys.indices)
         states = [] if output_hidden_states else None
@@ -538,6 +536,13 @@ def _check_no_attentions(output_attentions) -> None:
                          "never forms the attention matrix; use transformers' eager attention for attention maps")
 
 
+def _check_image_head(vision: VisionTransformer) -> None:
+    """An image embedding is the MAP head's output: raise before any work if the tower has none."""
+    if not vision.config.vision_use_head:
+        raise ValueError("this vision tower has no pooling head (vision_use_head=False), so no image embedding; "
+                         "use last_hidden_state from the vision tower's forward pass")
+
+
 def _tower_config(config: ModelConfig, name: str, cls: str):
     tower = getattr(config, name)
     if tower is None:
@@ -549,9 +554,7 @@ class _ImageFeatures:
     def get_image_features(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                            interpolate_pos_encoding=False) -> torch.Tensor:
         """The pooled image embedding [B, D] (the MAP head's output, not normalized)."""
-        if not self.vision_model.config.vision_use_head:
-            raise ValueError("this vision tower has no pooling head (vision_use_head=False), so no image embedding; "
-                             "use last_hidden_state from the forward pass")
+        _check_image_head(self.vision_model)
         return self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes,
                                  interpolate_pos_encoding).pooler_output
 
@@ -581,11 +584,10 @@ class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
         if input_ids is None or pixel_values is None:
             raise ValueError("SiglipModel needs both pixel_values and input_ids; for one tower use "
                              "get_image_features / get_text_features")
+        _check_image_head(self.vision_model)
         vision = self.vision_model(pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding,
                                    output_hidden_states=bool(output_hidden_states))
         text = self.text_model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
-        if vision.pooler_output is None:
-            raise ValueError("this vision tower has no pooling head (vision_use_head=False): no image embedding")
         image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)  # [Bi, D]
         text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)  # [Bt, D]
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp() + self.logit_bias  # [Bt, Bi]

@@ -23,16 +23,12 @@ gradients and divide by W. To log the global loss, all-reduce the detached L_r a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import ops
-
-LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper (Zhai et al. 2023), sec. 3.2: t' = log 10
-LOGIT_BIAS_INIT = -10.0  # and b = -10
+from .model import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT  # the paper's init, as SiglipModel's
 
 
 def _all_gather_with_grad(x: torch.Tensor, group) -> list[torch.Tensor]:
