@@ -19,6 +19,7 @@ Two layouts of tokens reach attention:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -550,8 +551,44 @@ def _tower_config(config: ModelConfig, name: str, cls: str):
     return tower
 
 
+def _positional(fixres: tuple[str, ...], naflex: tuple[str, ...]):
+    """Bind positional arguments in transformers' order for the model's family.
+
+    transformers' SigLIP classes (FixRes: SiglipModel & co) and SigLIP 2 classes (NaFlex:
+    Siglip2Model & co) take different arguments in different positional orders; one fastsiglip
+    class serves both, so the order is picked from `self.config.naflex`. Past that order,
+    arguments are keyword-only: a longer positional call is an error, never a silent binding.
+    """
+
+    def wrap(method):
+        @functools.wraps(method)
+        def bound(self, *args, **kwargs):
+            if args:
+                order = naflex if self.config.naflex else fixres
+                family = "NaFlex (Siglip2*)" if self.config.naflex else "FixRes (Siglip*)"
+                where = f"{type(self).__name__}.{method.__name__}"
+                if len(args) > len(order):
+                    raise TypeError(f"{where} takes at most {len(order)} positional arguments, transformers' order "
+                                    f"for {family} models ({', '.join(order)}); got {len(args)}: pass the others "
+                                    "by keyword")
+                for name, value in zip(order, args):
+                    if name in kwargs:
+                        raise TypeError(f"{where} got {name!r} both by position and by keyword")
+                    kwargs[name] = value
+            return method(self, **kwargs)
+
+        return bound
+
+    return wrap
+
+
+_TEXT_ORDER = ("input_ids", "attention_mask", "position_ids")
+
+
 class _ImageFeatures:
-    def get_image_features(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+    @_positional(fixres=("pixel_values", "interpolate_pos_encoding"),
+                 naflex=("pixel_values", "pixel_attention_mask", "spatial_shapes"))
+    def get_image_features(self, *, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                            interpolate_pos_encoding=False) -> torch.Tensor:
         """The pooled image embedding [B, D] (the MAP head's output, not normalized)."""
         _check_image_head(self.vision_model)
@@ -560,7 +597,8 @@ class _ImageFeatures:
 
 
 class _TextFeatures:
-    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+    @_positional(fixres=_TEXT_ORDER, naflex=_TEXT_ORDER)
+    def get_text_features(self, *, input_ids=None, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The text embedding [B, D] (the last token through `head`, not normalized)."""
         return self.text_model(input_ids, attention_mask, position_ids).pooler_output
 
@@ -577,7 +615,11 @@ class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
         self.logit_bias = nn.Parameter(torch.empty(1))
         _init_weights(self)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+    @_positional(fixres=("input_ids", "pixel_values", "attention_mask", "position_ids", "return_loss",
+                         "interpolate_pos_encoding"),
+                 naflex=("input_ids", "pixel_values", "pixel_attention_mask", "spatial_shapes", "attention_mask",
+                         "position_ids", "return_loss"))
+    def forward(self, *, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 pixel_attention_mask=None, spatial_shapes=None, return_loss=None,
                 interpolate_pos_encoding=False, output_attentions=None, output_hidden_states=None) -> SiglipOutput:
         _check_no_attentions(output_attentions)
@@ -609,7 +651,9 @@ class SiglipVisionModel(nn.Module, _ImageFeatures):
         self.vision_model = VisionTransformer(_tower_config(config, "vision", "SiglipVisionModel"))
         _init_weights(self)
 
-    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+    @_positional(fixres=("pixel_values", "interpolate_pos_encoding"),
+                 naflex=("pixel_values", "pixel_attention_mask", "spatial_shapes"))
+    def forward(self, *, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                 interpolate_pos_encoding=False, output_attentions=None,
                 output_hidden_states=None) -> BaseModelOutputWithPooling:
         _check_no_attentions(output_attentions)
@@ -626,7 +670,8 @@ class SiglipTextModel(nn.Module, _TextFeatures):
         self.text_model = TextTransformer(_tower_config(config, "text", "SiglipTextModel"))
         _init_weights(self)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
+    @_positional(fixres=_TEXT_ORDER, naflex=_TEXT_ORDER)
+    def forward(self, *, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
                 output_hidden_states=None) -> BaseModelOutputWithPooling:
         _check_no_attentions(output_attentions)
         return self.text_model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
@@ -644,7 +689,9 @@ class SiglipForImageClassification(nn.Module):
         self.classifier = nn.Linear(vision.hidden_size, self.num_labels) if self.num_labels > 0 else nn.Identity()
         _init_weights(self)
 
-    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None,
+    @_positional(fixres=("pixel_values", "labels", "interpolate_pos_encoding"),
+                 naflex=("pixel_values", "pixel_attention_mask", "spatial_shapes", "labels"))
+    def forward(self, *, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None,
                 interpolate_pos_encoding=False, output_attentions=None,
                 output_hidden_states=None) -> ImageClassifierOutput:
         _check_no_attentions(output_attentions)

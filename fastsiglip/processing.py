@@ -5,7 +5,8 @@ transformers' PIL-backend processors (``SiglipImageProcessorPil``, ``Siglip2Imag
 bit for bit on RGB images, with the deliberate differences listed below.
 
 FixRes (SigLIP 1, SigLIP 2 FixRes; preprocessor_config.json of a ``SiglipImageProcessor``):
-  RGB -> resize to ``size`` (height, width) with ``resample`` (PIL bicubic by default) ->
+  RGB -> resize to ``size`` (height, width) with ``resample`` (from the file; without one,
+  bicubic for SigLIP 1 and bilinear for SigLIP 2 FixRes, as the published files say) ->
   rescale by ``rescale_factor`` -> normalize with ``image_mean`` / ``image_std`` (0.5 / 0.5)
   -> ``pixel_values`` float32 [B, 3, H, W].
 NaFlex (``Siglip2ImageProcessor``): the size with at most ``max_num_patches`` patches keeping
@@ -65,8 +66,10 @@ from PIL import Image, ImageOps
 
 # Pillow's resampling filters, by the integer transformers stores in preprocessor_config.json.
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-FIXRES_RESAMPLE = 3  # bicubic: SiglipImageProcessor's default
+FIXRES_RESAMPLE = 3  # bicubic: SiglipImageProcessor's default, and what google/siglip-* files say
+SIGLIP2_FIXRES_RESAMPLE = 2  # bilinear: what the google/siglip2-*-patch*-224/-256/.../-512 files say
 NAFLEX_RESAMPLE = 2  # bilinear: Siglip2ImageProcessor's default
+GEMMA_VOCAB_SIZE = 256_000  # SigLIP 2's text vocabulary (Gemma); SigLIP 1's is 32,000 (or 250,000 i18n)
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1], as big_vision's value_range(-1, 1)
 DEFAULT_RESCALE = 1 / 255
 DEFAULT_MAX_NUM_PATCHES = 256
@@ -424,7 +427,8 @@ def load_image_processor(folder, *, model_config=None) -> ImageProcessor:
 
     Settings come from preprocessor_config.json (what the hub checkpoints hold), else from the
     "image_processor" entry of processor_config.json (what transformers 5 save_pretrained
-    writes), else transformers' defaults with the image/patch size of `model_config`.
+    writes), else the family's published defaults with the image/patch size of `model_config`
+    (resample: `_default_resample`).
     """
     folder = pathlib.Path(folder)
     vision = getattr(model_config, "vision", None)
@@ -445,10 +449,29 @@ def load_image_processor(folder, *, model_config=None) -> ImageProcessor:
         return ImageProcessor.from_dict(d, naflex=naflex, **extra)
     if vision is None:
         raise FileNotFoundError(f"{folder} has no {PREPROCESSOR_FILE} and no config.json vision settings")
-    warnings.warn(f"{folder} has no {PREPROCESSOR_FILE}; using the SigLIP defaults (mean = std = 0.5, "
-                  f"{'bilinear NaFlex' if naflex else f'bicubic {vision.image_size}x{vision.image_size}'})",
-                  stacklevel=2)
-    return ImageProcessor.from_dict({}, naflex=naflex, **extra)
+    resample, family = _default_resample(folder, model_config)
+    what = "NaFlex" if naflex else f"{vision.image_size}x{vision.image_size}"
+    warnings.warn(f"{folder} has no {PREPROCESSOR_FILE}; using the {family} defaults (mean = std = 0.5, "
+                  f"{RESAMPLE_NAMES[resample]} {what})", stacklevel=2)
+    return ImageProcessor.from_dict({"resample": resample}, naflex=naflex, **extra)
+
+
+def _default_resample(folder: pathlib.Path, model_config) -> tuple[int, str]:
+    """The resample filter of a checkpoint whose folder says none, and the family it follows.
+
+    NaFlex: bilinear. FixRes: SigLIP 2 checkpoints (told by Gemma's tokenizer.model in the
+    folder or the 256,000-token vocabulary in config.json) publish bilinear (``"resample": 2``
+    in google/siglip2-base-patch16-224 and the others), SigLIP 1 bicubic (``3``). A vision-only
+    folder without a tokenizer can't be told apart: it gets SigLIP 1's bicubic.
+    """
+    from .tokenizer import GEMMA_VOCAB_FILE
+
+    if model_config.naflex:
+        return NAFLEX_RESAMPLE, "SigLIP 2 NaFlex"
+    text = model_config.text
+    if (folder / GEMMA_VOCAB_FILE).is_file() or (text is not None and text.vocab_size == GEMMA_VOCAB_SIZE):
+        return SIGLIP2_FIXRES_RESAMPLE, "SigLIP 2"
+    return FIXRES_RESAMPLE, "SigLIP"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -380,6 +380,68 @@ def test_classification(tmp_path, family):
 
 
 # ---------------------------------------------------------------------------------------------
+# Positional arguments in transformers' order (FixRes Siglip* and NaFlex Siglip2* differ)
+# ---------------------------------------------------------------------------------------------
+
+
+def _positional_cases(family):
+    """{(architecture, method): positional args in transformers 5's order for `family`}."""
+    text = text_inputs(3, masked=True)
+    ids, text_mask = text["input_ids"], text["attention_mask"]
+    positions = torch.arange(16)[None].flip(1)
+    labels = torch.arange(3) % 3
+    if family == "siglip2":
+        px = naflex_pixels(SPATIAL_SHAPES[:3])
+        pixels = (px["pixel_values"], px["pixel_attention_mask"], px["spatial_shapes"])
+        two_tower = (ids, pixels[0], pixels[1], pixels[2], text_mask, positions, True)
+    else:
+        pixels = (fixres_pixels(3, 48), True)  # interpolate_pos_encoding: a 48 px image, a 32 px model
+        two_tower = (ids, pixels[0], text_mask, positions, True, True)
+    return {
+        ("SiglipModel", "forward"): two_tower,
+        ("SiglipModel", "get_image_features"): pixels,
+        ("SiglipModel", "get_text_features"): (ids, text_mask, positions),
+        ("SiglipVisionModel", "forward"): pixels,
+        ("SiglipTextModel", "forward"): (ids, text_mask, positions),
+        ("SiglipForImageClassification", "forward"): pixels[:3] + (labels,) if family == "siglip2"
+        else (pixels[0], labels, True),
+    }
+
+
+def _first_tensor(out):
+    """The output a positional call is compared on: the loss when there is one, else the first field."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    return out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_transformers_positional_order(tmp_path, family):
+    # Code written for transformers that passes arguments positionally binds them as there:
+    # every positional argument of every public class and method, compared with transformers'
+    # own positional call (the loss where there is one, so labels and return_loss count too).
+    for (arch, method), args in _positional_cases(family).items():
+        hf = make_hf(family, arch, num_labels=3)
+        ours = load_ours(hf, tmp_path / f"{arch}-{method}")
+        with torch.no_grad():
+            got = _first_tensor(getattr(ours, method)(*args))
+            want = _first_tensor(getattr(hf, method)(*args))
+        close(f"{family} {arch}.{method} positional", got, want)
+        if (arch, method) == ("SiglipModel", "forward"):
+            assert ours(*args).loss is not None  # return_loss landed where transformers puts it
+
+    hf = make_hf(family, "SiglipModel")
+    ours = load_ours(hf, tmp_path / "errors")
+    args = _positional_cases(family)[("SiglipModel", "forward")]
+    with pytest.raises(TypeError, match="pass the others by keyword"):
+        ours(*args, None)
+    with pytest.raises(TypeError, match="'input_ids' both by position and by keyword"):
+        ours(args[0], input_ids=args[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # bf16 on CPU: FlashAttention's rule (error vs float32 at most twice transformers' own in bf16).
 # ---------------------------------------------------------------------------------------------
 

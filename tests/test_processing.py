@@ -501,3 +501,29 @@ def test_load_processor_errors(checkpoints, tmp_path):
         processor(text="a", return_tensors="np")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_processor(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["siglip2-tokenizer-file", "siglip2-vocab", "siglip"])
+def test_fixres_without_preprocessor_file_uses_the_family_filter(tmp_path, family):
+    # The published google/siglip2-* FixRes files say "resample": 2 (bilinear), google/siglip-*
+    # say 3 (bicubic): a folder without preprocessor settings gets its family's filter. SigLIP 2
+    # is told by Gemma's tokenizer.model in the folder, or by its 256,000-token vocabulary.
+    from fastsiglip.processing import load_image_processor
+
+    name = "siglip-base-patch16-224" if family == "siglip" else "siglip2-base-patch16-224"
+    cfg = fconfig.preset(name)
+    cfg.vision.image_size = 64
+    if family == "siglip2-tokenizer-file":
+        cfg.text.vocab_size = 300  # a tiny Gemma-layout vocabulary, as tests train
+        (tmp_path / "tokenizer.model").write_bytes(b"present")  # only its presence is read here
+    elif family == "siglip":
+        (tmp_path / "spiece.model").write_bytes(b"present")
+    (tmp_path / "config.json").write_text(json.dumps(fconfig.to_dict(cfg)))
+    expected_resample = 3 if family == "siglip" else 2
+    expected_word = "bicubic" if family == "siglip" else "bilinear"
+    with pytest.warns(UserWarning, match=f"no preprocessor_config.json.*{expected_word} 64x64"):
+        processor = load_image_processor(tmp_path, model_config=fconfig.from_file(tmp_path / "config.json"))
+    assert processor.resample == expected_resample
+    images = [_rgb(h, w, seed=i) for i, (h, w) in enumerate(SIZES[3:7])]
+    hf = SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=expected_resample)
+    _assert_equal(dict(hf(images, return_tensors="pt")), processor(images))
