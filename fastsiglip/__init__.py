@@ -16,12 +16,12 @@ from .model import SiglipForImageClassification, SiglipModel, SiglipTextModel, S
 from .ops import sigmoid_loss
 from .processing import load_processor
 from .tokenizer import Tokenizer, load_tokenizer
-from .train import SigmoidLoss, distributed_sigmoid_loss
+from .train import SigmoidLoss, distributed_sigmoid_loss, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ModelConfig", "SiglipForImageClassification", "SiglipModel", "SiglipTextModel",
-    "SiglipVisionModel", "SigmoidLoss", "Tokenizer", "build", "classify", "distributed_sigmoid_loss", "embed_files", "encode_images", "encode_texts", "load", "load_processor",
+    "SiglipVisionModel", "SigmoidLoss", "Tokenizer", "build", "classify", "distributed_sigmoid_loss", "embed_files", "encode_images", "encode_texts", "finetune", "load", "load_processor",
     "load_tokenizer", "preset", "resolve", "sigmoid_loss", "zero_shot",
 ]

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
-from .model import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT  # the paper's init, as SiglipModel's
+from .. import ops
+from ..model import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT  # the paper's init, as SiglipModel's
 
 
 def _all_gather_with_grad(x: torch.Tensor, group) -> list[torch.Tensor]:

@@ -1,0 +1,184 @@
+"""Resume checkpoints (atomic, no pickle) and the final export in the hub layout.
+
+OUT/checkpoints/step-<n>/
+    model.safetensors        the weights (float32 master weights), transformers' key names
+    optimizer.safetensors    the optimizer's per-parameter tensors, "state.<i>.<name>"
+    optimizer.json           its hyper-parameter groups (JSON)
+    rng.safetensors          every rank's CPU (and CUDA) random state, "cpu.<rank>", "cuda.<rank>"
+    trainer_state.json       step, data position, counters, the run's arguments, the model's
+                             fingerprint; written last
+A checkpoint is written into a temporary folder (every file fsynced), then renamed into place
+and the parent folder fsynced: a crash mid-write leaves a stray `.tmp-*` folder (ignored, removed
+by the next save) and the previous checkpoint as it was. Only the newest `keep_last` are kept.
+Nothing is pickled: safetensors and JSON only.
+
+OUT/final/: config.json and the tokenizer / preprocessor files of the source checkpoint, plus
+model.safetensors, so that `fastsiglip.load` and transformers' `from_pretrained` read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..loading import CONFIG_FILE, HUB_FILES, WEIGHTS_FILE, weight_files
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+STATE_FILE = "trainer_state.json"
+FORMAT = 1
+FINGERPRINT_BYTES = 1 << 20  # of each weight file: its first and last MiB (header and tensor data)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ResumeError(ValueError):
+    """--resume cannot continue from what OUT holds; the message says why."""
+
+
+def fingerprint(folder) -> str:
+    """sha256 of a checkpoint's config.json and its weight files' names, sizes and first and
+    last MiB: cheap for a 4 GB model, and different weights show up in practice."""
+    folder = pathlib.Path(folder)
+    h = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
+    for path in weight_files(folder):
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _fsync_file(path: pathlib.Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_tensors(module_state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module_state.items()}
+
+
+def save_weights(path: pathlib.Path, model: torch.nn.Module) -> None:
+    save_file(_state_tensors(model.state_dict()), str(path), metadata={"format": "pt"})
+
+
+def _optimizer_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain_state": plain}
+
+
+def load_optimizer(folder: pathlib.Path, optimizer) -> None:
+    """Restore the per-parameter state; the current hyper-parameter groups are kept (lr is set
+    by the schedule every step; fused/foreach follow this machine), their sizes checked."""
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = json.loads((folder / "optimizer.json").read_text())
+    current = optimizer.state_dict()
+    saved_sizes = [len(g["params"]) for g in meta["param_groups"]]
+    sizes = [len(g["params"]) for g in current["param_groups"]]
+    if saved_sizes != sizes:
+        raise ResumeError(f"{folder}: the optimizer state holds parameter groups of {saved_sizes} tensors, this run "
+                          f"has {sizes} (other locked towers or frozen logit parameters?); resume with the same "
+                          "options or start a new --out")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["plain_state"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def save_resume(out, step: int, model, optimizer, trainer_state: dict, rng: dict[str, torch.Tensor],
+                keep_last: int) -> pathlib.Path:
+    """Write OUT/checkpoints/step-<step>/ atomically, then keep only the newest `keep_last`."""
+    root = pathlib.Path(out) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob(".tmp-*"):  # a save that crashed before its rename
+        shutil.rmtree(stray, ignore_errors=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    tmp.mkdir()
+    save_weights(tmp / WEIGHTS_FILE, model)
+    tensors, meta = _optimizer_files(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+    (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, format=FORMAT, step=step), indent=1))
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out) -> list[pathlib.Path]:
+    """Complete checkpoints (trainer_state.json present), oldest first."""
+    root = pathlib.Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def read_resume(folder: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainer state, weights, rng tensors) of a checkpoint folder."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"{folder} was written by another version of fastsiglip (format {state.get('format')}, "
+                          f"this one reads {FORMAT}); start a new --out")
+    return state, load_file(str(folder / WEIGHTS_FILE)), load_file(str(folder / "rng.safetensors"))
+
+
+def export_final(out, model, source) -> pathlib.Path:
+    """OUT/final/ in the hub layout: the source's config.json, tokenizer and preprocessor
+    files, and the trained weights as model.safetensors (written atomically, like a checkpoint)."""
+    out, source = pathlib.Path(out), pathlib.Path(source)
+    final, tmp = out / FINAL, out / f".tmp-{FINAL}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    skip = {WEIGHTS_FILE, "model.safetensors.index.json", "model-*-of-*.safetensors"}
+    for name in HUB_FILES:
+        if name not in skip and (source / name).is_file():
+            shutil.copyfile(source / name, tmp / name)
+    save_weights(tmp / WEIGHTS_FILE, model)
+    for path in tmp.iterdir():
+        _fsync_file(path)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(out)
+    return final
