@@ -1,8 +1,9 @@
 """The SigLIP / SigLIP 2 network, top-down, in plain PyTorch over `fastsiglip.ops`.
 
-Reads in order: outputs, embeddings (FixRes patches, NaFlex patches, text), attention, MLP,
-encoder layer, encoder, MAP pooling head, vision tower, text tower, the two-tower model, the
-tower-only models and the image-classification model, then `build`.
+Reads in order: attention, MLP, encoder layer, encoder, MAP pooling head, vision tower, text
+tower, the two-tower model, the tower-only models and the image-classification model, then
+`build`. The embeddings live in embeddings.py, the output dataclasses in outputs.py (both
+re-exported here).
 
 Parameter names and shapes are those of transformers' state dicts (`vision_model.*`,
 `text_model.*`, `logit_scale`, `logit_bias`, `classifier.*`); there are no buffers, so a model
@@ -21,73 +22,21 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import ops
 from .config import ModelConfig, TextConfig, VisionConfig
+from .embeddings import NaFlexEmbeddings, PatchEmbeddings, TextEmbeddings, aa_bilinear_weights  # noqa: F401
+from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput, SiglipOutput  # noqa: F401
 
 INIT_STD = 0.02  # normal init of every weight matrix and embedding of a random-weight model
 LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper (Zhai et al. 2023), sec. 3.2: t' = log 10
 LOGIT_BIAS_INIT = -10.0  # and b = -10
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs: dataclasses that also read like transformers' ModelOutput (out["key"], keys()).
-# ---------------------------------------------------------------------------------------------
-
-
-class ModelOutput:
-    """Field access (`out.logits`), key access (`out["logits"]`), and `to_tuple()` of the
-    fields that are set, as transformers' outputs allow."""
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; it has {self.keys()}")
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-
-@dataclass
-class BaseModelOutputWithPooling(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None  # [B, N, C]; NaFlex: zeros at padded positions
-    pooler_output: torch.Tensor | None = None  # [B, D]
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # output_hidden_states: embeddings, then every layer
-
-
-@dataclass
-class SiglipOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits_per_image: torch.Tensor | None = None  # [B_img, B_txt]
-    logits_per_text: torch.Tensor | None = None  # [B_txt, B_img]
-    text_embeds: torch.Tensor | None = None  # [B_txt, D], L2-normalized
-    image_embeds: torch.Tensor | None = None  # [B_img, D], L2-normalized
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
-
-
-@dataclass
-class ImageClassifierOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # [B, num_labels]
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class Layout(NamedTuple):
@@ -110,127 +59,6 @@ def _fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Embeddings
-# ---------------------------------------------------------------------------------------------
-
-
-def _embedding(num: int, dim: int) -> nn.Embedding:
-    """An nn.Embedding left uninitialized (_init_weights or the checkpoint fills it): torch's
-    own normal_ init, on the meta device, imports torch._dynamo and with it triton (~2 s), a
-    cost `fastsiglip.load` should not pay."""
-    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
-
-
-class PatchEmbeddings(nn.Module):
-    """FixRes: Conv2d patches of a [B, C, H, W] image plus a learned (g x g) position grid."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.patch_size = cfg.patch_size
-        self.grid = cfg.position_grid
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = _embedding(self.grid**2, cfg.hidden_size)
-
-    def interpolate_pos_encoding(self, height: int, width: int, num_patches: int) -> torch.Tensor:
-        """Position grid resized to the image's (height // p, width // p) patches, [1, N, C].
-
-        As transformers' SiglipVisionEmbeddings (DINO's recipe): kept as is for a square image
-        with as many patches as positions, else bicubic resize with align_corners=False.
-        """
-        table = self.position_embedding.weight  # [g*g, C]
-        if num_patches == table.shape[0] and height == width:
-            return table[None]
-        grid = table.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-        size = (height // self.patch_size, width // self.patch_size)
-        grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
-        return grid.permute(0, 2, 3, 1).reshape(1, -1, table.shape[1])
-
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        height, width = pixel_values.shape[-2:]
-        weight = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
-        if interpolate_pos_encoding:
-            pos = self.interpolate_pos_encoding(height, width, x.shape[1])
-        else:
-            pos = self.position_embedding.weight[None]
-        return (x + pos).contiguous()  # the sum keeps the conv's channels-first strides
-
-
-def aa_bilinear_weights(index: torch.Tensor, out_size: torch.Tensor, in_size: int) -> torch.Tensor:
-    """Weights [T, in_size] of output `index` along an axis resized from `in_size` to
-    `out_size` (both [T]) by F.interpolate(mode="bilinear", antialias=True, align_corners=False).
-
-    PyTorch's (and PIL's) antialiased resampling, aten/src/ATen/native/UpSampleKernel.cpp
-    `_compute_indices_min_size_weights_aa`, in float32 as there: scale = in / out; the triangle
-    filter max(0, 1 - |x|) is widened by `scale` when downsampling (support = max(scale, 1));
-    output i is centred at scale * (i + 0.5) and reads inputs [xmin, xmax) with
-    xmin = max(floor(center - support + 0.5), 0), xmax = min(floor(center + support + 0.5), in);
-    weights are normalized to sum 1 (which also clamps at the borders when upsampling).
-    One difference from transformers on CPU: torch's CPU kernel (2.13) returns wrong values for
-    an output width of 1 and height != input (it repeats the first row's result); this follows
-    the algorithm, i.e. what the transposed (1, h) resize gives.
-    """
-    scale = in_size / out_size.float()  # [T]
-    support = scale.clamp(min=1.0)
-    center = scale * (index.float() + 0.5)
-    xmin = torch.floor(center - support + 0.5).clamp(min=0)
-    xmax = torch.floor(center + support + 0.5).clamp(max=in_size)
-    j = torch.arange(in_size, device=index.device, dtype=torch.float32)  # [G]
-    invscale = 1.0 / support
-    w = (1.0 - ((j - center[:, None] + 0.5) * invscale[:, None]).abs()).clamp(min=0.0)  # [T, G]
-    w = w * ((j >= xmin[:, None]) & (j < xmax[:, None]))
-    return w / w.sum(-1, keepdim=True)
-
-
-class NaFlexEmbeddings(nn.Module):
-    """NaFlex: Linear patches of patchified pixels plus a learned square position grid,
-    resized per image to its (h, w) patches, computed only for the packed real tokens."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.grid = cfg.position_grid
-        self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
-        self.position_embedding = _embedding(cfg.num_patches, cfg.hidden_size)
-
-    def positions(self, packing: ops.Packing, spatial_shapes: torch.Tensor) -> torch.Tensor:
-        """[T, C]: the grid resized to each token's image size, read at the token's place.
-
-        transformers resizes the grid once per image (a Python loop) and gives position n of
-        an image of (h, w) patches the entry (n // w, n % w), and padded places (n >= h * w)
-        entry 0. Here the separable weights of every token are built at once: the resized
-        entry is sum_ij wy[i] wx[j] grid[i, j], one [T, g*g] @ [g*g, C] product.
-        """
-        image = packing.indices // packing.seqlen  # [T] image of each token
-        n = packing.indices % packing.seqlen  # [T] place inside the (padded) image sequence
-        h, w = spatial_shapes[image, 0], spatial_shapes[image, 1]  # [T]
-        n = torch.where(n < h * w, n, 0)
-        wy = aa_bilinear_weights(n // w, h, self.grid)  # [T, g]
-        wx = aa_bilinear_weights(n % w, w, self.grid)  # [T, g]
-        table = self.position_embedding.weight
-        # transformers resizes in float32 on CPU (no low-precision antialias there); float32 here
-        # everywhere, then the model's dtype.
-        pos = (wy[:, :, None] * wx[:, None, :]).flatten(1) @ table.float()  # [T, C]
-        return pos.to(table.dtype)
-
-    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
-        weight = self.patch_embedding.weight
-        x = self.patch_embedding(ops.pack(pixel_values, packing).to(weight.dtype))  # [T, C]
-        return x + self.positions(packing, spatial_shapes)
-
-
-class TextEmbeddings(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, L]
-        return self.token_embedding(input_ids) + self.position_embedding(position_ids)  # [B, L, C]
-
-
-# ---------------------------------------------------------------------------------------------
 # Encoder
 # ---------------------------------------------------------------------------------------------
 
@@ -248,7 +76,16 @@ def _attend(q, k, v, layout: Layout | None):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention, softmax scale head_dim ** -0.5."""
+    """Bidirectional multi-head self-attention, softmax scale head_dim ** -0.5.
+
+    q, k and v come from one [3C, C] GEMM (F.linear against the three weights concatenated),
+    which writes [..., 3C]; q, k and v are strided views of it (token stride 3C, head stride D),
+    which the attention kernel reads as they are (kernels/attention.py `_rows`: unit stride
+    along D, other strides multiples of 8). The parameters stay transformers' q_proj, k_proj and
+    v_proj, so state dicts, named_parameters and checkpoints are unchanged; the price is
+    concatenating the three weights on every call (3 C^2 elements copied, against the GEMM's
+    3 T C^2 multiply-adds; autograd hands each weight its slice of the gradient).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -260,10 +97,11 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
-        heads = (self.num_heads, self.head_dim)
-        q = self.q_proj(x).unflatten(-1, heads)  # [B, N, H, D] or [T, H, D]
-        k = self.k_proj(x).unflatten(-1, heads)
-        v = self.v_proj(x).unflatten(-1, heads)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])  # [3C, C]
+        bias = torch.cat([p.bias for p in projections])  # [3C]
+        qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))  # [..., 3, H, D]
+        q, k, v = qkv.unbind(-3)  # each [B, N, H, D] or [T, H, D], token stride 3C
         return self.out_proj(_attend(q, k, v, layout).flatten(-2))
 
 
@@ -308,10 +146,16 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The encoder layers. With `gradient_checkpointing` on (the models'
+    gradient_checkpointing_enable), each layer in training mode keeps only its inputs and is run
+    again during backward (torch.utils.checkpoint, `checkpoint_kwargs`)."""
+
     def __init__(self, cfg: VisionConfig | TextConfig):
         super().__init__()
         args = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_hidden_layers))
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict = {}
 
     def forward(self, x: torch.Tensor, layout: Layout | None, final_norm: nn.LayerNorm,
                 hidden_states: list | None = None) -> torch.Tensor:
@@ -321,10 +165,15 @@ class Encoder(nn.Module):
         and after the last, before the final norm: transformers' output_hidden_states (the
         sum its `residual + mlp(...)` forms)."""
         delta, stream = x, None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(delta if stream is None else delta + stream)
-            delta, stream = layer(delta, stream, layout)
+            if checkpointing:
+                delta, stream = torch.utils.checkpoint.checkpoint(layer, delta, stream, layout,
+                                                                  **self.checkpoint_kwargs)
+            else:
+                delta, stream = layer(delta, stream, layout)
         if hidden_states is not None:
             hidden_states.append(delta if stream is None else delta + stream)
         return _norm(final_norm, delta, stream)[0]
@@ -407,9 +256,12 @@ def _check_naflex_pixels(pixel_values, cfg: VisionConfig, interpolate: bool, mas
     if tuple(shapes.shape) != (batch, 2):
         raise ValueError(f"spatial_shapes must be [batch, 2] = {(batch, 2)}, got {tuple(shapes.shape)}")
     h, w = shapes[:, 0], shapes[:, 1]
-    if not bool(((h > 0) & (w > 0) & (h * w <= patches)).all()):  # one small host read per batch
-        raise ValueError(f"every spatial_shapes (h, w) must be positive with h * w <= {patches} patches, "
-                         f"got {shapes.tolist()}")
+    valid = ((h > 0) & (w > 0) & (h * w <= patches)).all()
+    message = f"every spatial_shapes (h, w) must be positive with h * w <= {patches} patches"
+    if torch.compiler.is_compiling():  # inside torch.compile: an assert in the graph, no host read
+        torch._assert_async(valid, message)
+    elif not bool(valid):  # eager: one small host read per batch, and the values in the message
+        raise ValueError(f"{message}, got {shapes.tolist()}")
 
 
 class VisionTransformer(nn.Module):
@@ -585,6 +437,29 @@ def _positional(fixres: tuple[str, ...], naflex: tuple[str, ...]):
 _TEXT_ORDER = ("input_ids", "attention_mask", "position_ids")
 
 
+class _GradientCheckpointing:
+    """transformers' switch for activation checkpointing, per encoder layer (training mode only)."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Keep only each encoder layer's inputs and recompute the layer in backward (less memory,
+        about one more forward of compute). `gradient_checkpointing_kwargs` go to
+        torch.utils.checkpoint.checkpoint; use_reentrant defaults to False (works with
+        torch.compile and with inputs that need no gradient)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.gradient_checkpointing, module.checkpoint_kwargs = True, kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(isinstance(m, Encoder) and m.gradient_checkpointing for m in self.modules())
+
+
 class _ImageFeatures:
     @_positional(fixres=("pixel_values", "interpolate_pos_encoding"),
                  naflex=("pixel_values", "pixel_attention_mask", "spatial_shapes"))
@@ -603,7 +478,7 @@ class _TextFeatures:
         return self.text_model(input_ids, attention_mask, position_ids).pooler_output
 
 
-class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
+class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures, _GradientCheckpointing):
     """Two towers and the sigmoid image-text logits (SigLIP 1, SigLIP 2 FixRes and NaFlex)."""
 
     def __init__(self, config: ModelConfig):
@@ -642,7 +517,7 @@ class SiglipModel(nn.Module, _ImageFeatures, _TextFeatures):
         return SiglipOutput(loss, logits_per_text.t(), logits_per_text, text_embeds, image_embeds, text, vision)
 
 
-class SiglipVisionModel(nn.Module, _ImageFeatures):
+class SiglipVisionModel(nn.Module, _ImageFeatures, _GradientCheckpointing):
     """The vision tower alone (checkpoints *VisionModel)."""
 
     def __init__(self, config: ModelConfig):
@@ -661,7 +536,7 @@ class SiglipVisionModel(nn.Module, _ImageFeatures):
                                  output_hidden_states=bool(output_hidden_states))
 
 
-class SiglipTextModel(nn.Module, _TextFeatures):
+class SiglipTextModel(nn.Module, _TextFeatures, _GradientCheckpointing):
     """The text tower alone (checkpoints *TextModel)."""
 
     def __init__(self, config: ModelConfig):
@@ -677,7 +552,7 @@ class SiglipTextModel(nn.Module, _TextFeatures):
         return self.text_model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
 
 
-class SiglipForImageClassification(nn.Module):
+class SiglipForImageClassification(nn.Module, _GradientCheckpointing):
     """The vision tower, mean of the patch tokens (NaFlex: of the real ones), a linear classifier."""
 
     def __init__(self, config: ModelConfig):

@@ -7,8 +7,12 @@
   ``TRITON_INTERPRET=1`` set before triton is imported); an unsupported case raises;
 - ``reference``: always reference.py.
 
-The kernels are imported lazily, so `import fastsiglip` works without triton or a GPU.
-This module also holds the varlen helpers: NaFlex padding mask <-> packed tokens + cu_seqlens.
+The kernels are imported lazily, so `import fastsiglip` works without triton or a GPU; importing
+them registers their custom operators (torch.ops.fastsiglip.layer_norm, .mlp, .attention,
+.sigmoid_loss and the backward ones, kernels/*.py), which handle torch.autocast and
+torch.compile themselves. This module also holds the varlen helpers: NaFlex padding mask <->
+packed tokens + cu_seqlens, with the one data-dependent step as the operator
+torch.ops.fastsiglip.mask_indices (registered here: it needs no triton).
 """
 
 from __future__ import annotations
@@ -70,23 +74,26 @@ def _use_kernel(op: str, x: torch.Tensor, unsupported: str | None) -> bool:
     return True
 
 
-def _dtype_problem(x: torch.Tensor, *params, allow_float32_params=False) -> str | None:
-    """Why the kernels can't take x (and its parameters) as they are, or None.
+def _dtype_problem(x: torch.Tensor, *tensors, mixed_ok=False) -> str | None:
+    """Why the kernel can't take x (and the other tensors) as they are, or None.
 
-    The kernels take one dtype throughout; mixed dtypes (e.g. bf16 activations with float32
-    weights under torch.autocast) go to the reference, which follows autocast's rules.
+    Under torch.autocast the operators cast their inputs to the autocast dtype themselves
+    (kernels/_library.py), so mixed dtypes are fine there. Outside autocast the MLP, attention
+    and loss kernels take one dtype; mixed dtypes go to the reference, which follows PyTorch's
+    promotion rules. LayerNorm (`mixed_ok`) takes any mix of the kernel dtypes.
     """
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype}"
-    for p in params:
-        if p is not None and p.dtype != x.dtype and not (allow_float32_params and p.dtype == torch.float32):
-            return f"mixed dtypes (input {x.dtype}, parameter {p.dtype}; e.g. under torch.autocast)"
+    dtypes = {t.dtype for t in (x, *tensors) if t is not None}
+    unsupported = sorted(str(d) for d in dtypes if d not in KERNEL_DTYPES)
+    if unsupported:
+        return f"dtype {', '.join(unsupported)}"
+    if len(dtypes) > 1 and not mixed_ok and not torch.is_autocast_enabled(x.device.type):
+        return f"mixed dtypes ({', '.join(sorted(map(str, dtypes)))}) outside torch.autocast"
     return None
 
 
 def layer_norm(x, weight, bias, eps=1e-6, residual=None):
     """See reference.layer_norm."""
-    if _use_kernel("layer_norm", x, _dtype_problem(x, weight, bias, residual, allow_float32_params=True)):
+    if _use_kernel("layer_norm", x, _dtype_problem(x, weight, bias, residual, mixed_ok=True)):
         return _kernels().layer_norm(x, weight, bias, eps, residual)
     return reference.layer_norm(x, weight, bias, eps, residual)
 
@@ -121,6 +128,35 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("fastsiglip::mask_indices", mutates_args=())
+def mask_indices(mask: torch.Tensor) -> torch.Tensor:
+    """[T] int64: the flat indices of the nonzero entries of `mask`, in order (mask.flatten().nonzero()).
+
+    An operator rather than a plain nonzero() so that torch.compile keeps packing inside the
+    graph: its fake implementation gives T as an unbacked (data-dependent) size, which needs no
+    `capture_dynamic_output_shape_ops` setting, and varying token counts never recompile.
+    Eager code calls nonzero() directly (packing_from_mask): calling any custom operator eagerly
+    imports torch._dynamo, and with it triton, which the reference path on a CPU never needs.
+    """
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+@mask_indices.register_fake
+def _(mask):
+    ctx = torch.library.get_ctx()
+    shape_env = ctx._shape_env
+    if shape_env is None or shape_env.allow_dynamic_output_shape_ops:  # fullgraph=True, export, opcheck
+        return mask.new_empty(ctx.new_dynamic_size(max=None), dtype=torch.int64)
+    # Plain torch.compile (not fullgraph) refuses data-dependent sizes unless
+    # capture_dynamic_output_shape_ops is set, and would graph-break here, once per enclosing
+    # module call. T is always a valid size (0 <= T <= mask.numel()) and every op downstream
+    # takes it symbolically, so create the size directly, as torch's own device_mesh operators do.
+    size = shape_env.create_unbacked_symint()
+    torch._check(size >= 0)
+    torch._check(size <= mask.numel())
+    return mask.new_empty(size, dtype=torch.int64)
+
+
 class Packing(NamedTuple):
     indices: torch.Tensor  # [T] int64: flat index (b * N + n) of each kept token, in order
     cu_seqlens: torch.Tensor  # [B + 1] int32: where each sequence starts in the packed tokens
@@ -133,13 +169,14 @@ def packing_from_mask(mask: torch.Tensor) -> Packing:
     """Describe the tokens a [B, N] mask keeps (nonzero = real token) as a packing.
 
     Built once per forward with tensor ops; the only host sync is the one inside nonzero()
-    that sizes the packed tensor (one per batch, never one per image).
+    (mask_indices) that sizes the packed tensor (one per batch, never one per image).
     """
     if mask.dim() != 2:
         raise ValueError(f"the attention mask must be [batch, tokens], got shape {tuple(mask.shape)}")
     keep = mask.bool()
     batch, seqlen = keep.shape
-    indices = keep.reshape(-1).nonzero().squeeze(1)
+    flat = keep.reshape(-1)
+    indices = mask_indices(flat) if torch.compiler.is_compiling() else flat.nonzero().squeeze(1)
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
     torch.cumsum(keep.sum(1, dtype=torch.int32), 0, out=cu_seqlens[1:])
     return Packing(indices, cu_seqlens, seqlen, batch, seqlen)

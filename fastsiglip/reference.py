@@ -95,7 +95,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=
     loss = -sum_ij log sigmoid(z_ij * logits_ij) / B_img.
     For a square batch this is transformers' `SiglipModel(return_loss=True)` loss (its mean over
     texts of the sum over images equals the mean over images of the sum over texts).
-    `positive_offset` places a rank's images inside a gathered global text batch (train.py).
+    `positive_offset` places a rank's images inside a gathered global text batch
+    (train/loss.py: distributed_sigmoid_loss).
     Materializes the B_img x B_txt matrix; `chunk_size` is accepted for signature parity.
     """
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias  # [Bi, Bt]

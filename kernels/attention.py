@@ -13,7 +13,13 @@ dimension >= 16, so the head dimension is split into a power-of-two main part D0
     72 = 64 + 16, of which the last 8 columns are masked loads (zeros) and masked stores
 and every product over the head dimension is two dots, e.g. S = Q0 K0^T + Q1 K1^T and
 O = [P V0, P V1]. Head dim 72 thus costs 80/72 = 1.11x its useful MMA work (padding to 128 would
-cost 1.78x); 80 and 96 cost none.
+cost 1.78x); 80 and 96 cost none. In instructions the tail costs more: where the head dim is the
+reduction (S = Q K^T, dP = dO V^T) it adds k-steps in proportion (4 -> 5 wgmma), but where it is
+the output width (P V, dS K, P^T dO, dS^T Q) the 16-wide tail takes one more m64n16k16 wgmma per
+k-step of the 64-wide part: 12 -> 21 wgmma per 128 x 128 forward step (sm_90 PTX, bench/
+compile_check.py), +75% for +25% work. tl.dot's power-of-two, >= 16 tile sides leave only one
+alternative, the output side padded to 128 (5 + 8 = 13 wgmma, +8%, but 1.6x the MMA work); which
+is faster depends on whether the narrow wgmma are issue-bound, a GPU measurement not yet made.
 
 Forward (FlashAttention-2, Dao 2023, Algorithm 1): per key block, in float32,
     S = Q K^T * scale * LOG2E          (exp2 instead of exp: the LOG2E factor is folded in)
@@ -40,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._device import INTERPRET, check_device
+from ._library import autocast_dtype, cast, register_autocast
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
@@ -63,8 +70,13 @@ PREPROCESS_ROWS = 64  # rows per program of the delta = rowsum(dO * O) kernel
 INT32_LIMIT = 2**31
 
 
-def _config(bm, bn, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+def _config(bm, bn, stages, warps, spills_at=()):
+    """spills_at: padded head widths (D0 + D1, e.g. 80 for head dim 72, 96 for 96) at which this
+    config spilled registers when compiled for sm_90 or sm_100 (bench/compile_check.py, triton
+    3.9); _pruner drops it there: a spilling config is not worth the autotuner's time."""
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+    config.spills_at = frozenset(spills_at)
+    return config
 
 
 # BLOCK_M always tiles queries and BLOCK_N keys. The small-BLOCK_M configs serve few queries per
@@ -76,12 +88,16 @@ if INTERPRET:  # the CPU interpreter runs tl.dot in numpy: one small config, no 
 else:
     # Hopper-sized (wgmma wants 64-row tiles per warp group, 228 KB shared memory); a config that
     # does not fit a smaller GPU fails to compile and the autotuner skips it.
-    _FWD_16BIT = [_config(128, 128, 3, 8), _config(128, 64, 3, 4), _config(128, 64, 4, 8),
-                  _config(64, 128, 3, 4), _config(64, 64, 4, 4), _config(16, 128, 3, 4), _config(16, 64, 3, 4)]
-    _DKDV_16BIT = [_config(64, 128, 2, 8), _config(32, 128, 3, 8), _config(64, 64, 3, 4),
-                   _config(32, 64, 3, 4), _config(16, 128, 2, 4), _config(16, 64, 2, 4)]
+    _FWD_16BIT = [_config(128, 128, 3, 8), _config(128, 64, 3, 4, spills_at=(80, 96)), _config(128, 64, 4, 8),
+                  _config(64, 128, 3, 4, spills_at=(96,)), _config(64, 64, 4, 4),
+                  _config(16, 128, 3, 4, spills_at=(80,)), _config(16, 64, 3, 4)]
+    _DKDV_16BIT = [_config(64, 128, 2, 8, spills_at=(96,)), _config(32, 128, 3, 8),
+                   _config(64, 64, 3, 4, spills_at=(80, 96)), _config(32, 64, 3, 4),
+                   _config(16, 128, 2, 4, spills_at=(80, 96)), _config(16, 64, 2, 4)]
+    # BLOCK_M 16 runs on mma.sync (wgmma tiles are 64 rows): the MAP probe's one query per image.
+    # At head dim 72 its 16 x 64 tile spilled; the 16 x 32 one fits.
     _DQ_16BIT = [_config(128, 64, 3, 8), _config(128, 32, 3, 4), _config(64, 64, 3, 4),
-                 _config(16, 64, 3, 4)]
+                 _config(16, 64, 3, 4, spills_at=(80,)), _config(16, 32, 3, 4)]
     # IEEE float32 dots run on FMA units, whose lowering holds whole operand tiles in registers:
     # small tiles (larger ones spill kilobytes on sm_90). float32 is for accuracy, not speed.
     _FWD_FP32, _DKDV_FP32, _DQ_FP32 = ([_config(32, 32, 1, 8), _config(16, 32, 1, 4)] for _ in range(3))
@@ -89,11 +105,16 @@ else:
 
 def _pruner(configs_16bit, configs_fp32):
     def prune(configs, named_args, **kwargs):
-        """Configs for the operand dtype whose query tile is not wider than the queries need."""
+        """Configs for the operand dtype whose query tile is not wider than the queries need and
+        that do not spill at this head dim (`spills_at`)."""
         wanted = configs_fp32 if named_args["q_ptr"].dtype == torch.float32 else configs_16bit
-        fit = max(MIN_DOT, named_args["MAX_Q_BUCKET"])
-        kept = [c for c in configs if any(c is w for w in wanted) and c.kwargs["BLOCK_M"] <= fit]
-        return kept or [min((c for c in configs if any(c is w for w in wanted)), key=lambda c: c.kwargs["BLOCK_M"])]
+        args = {**named_args, **kwargs}
+        width = args["D0"] + (args["D1"] if args["HAS_TAIL"] else 0)
+        mine = [c for c in configs if any(c is w for w in wanted)]
+        fits = [c for c in mine if width not in getattr(c, "spills_at", ())] or mine
+        fit = max(MIN_DOT, args["MAX_Q_BUCKET"])
+        kept = [c for c in fits if c.kwargs["BLOCK_M"] <= fit]
+        return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"])]
 
     return {"early_config_prune": prune}
 
@@ -491,8 +512,8 @@ def attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale):
     do, q, k, v = _rows(do, max_q), _rows(q, max_q), _rows(k, max_k), _rows(v, max_k)
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
-    if total_q == 0 or k.shape[0] == 0 or batch == 0 or max_q == 0 or max_k == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)  # no query sees any key
+    if total_q == 0 or k.shape[0] == 0 or batch == 0 or max_q == 0 or max_k == 0:  # no query sees any key
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     # Every row is written below: each query row by the dq kernel (0 without keys), each key row
     # by the dkdv kernel (0 without queries).
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # [Tq, H, D]
@@ -515,21 +536,74 @@ def attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, scale):
     return dq, dk, dv
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Packed layout; saves q, k, v, o and the float32 LSE [H, Tq]."""
+# --- custom operators: torch.ops.fastsiglip.attention and .attention_backward ----------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        o, lse = attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+@torch.library.custom_op("fastsiglip::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed q [Tq, H, D], k, v [Tk, H, D] -> (out [Tq, H, D], lse [H, Tq] float32, log2 units).
+
+    The LSE is what the backward needs; without `return_lse` an empty tensor is returned in its
+    place (the forward kernel still writes it to a transient buffer). Differentiable in q, k, v
+    when called with return_lse=True.
+    """
+    out, lse = attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    return out, (lse if return_lse else lse.new_empty(0))
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, return_lse):
+    lse_shape = (q.shape[1], q.shape[0]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsiglip::attention_backward", mutates_args=())
+def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), contiguous, for the packed layout of fastsiglip::attention."""
+    return attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale)
+    ctx.return_lse = return_lse
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, _dlse):
+    if dout is None:
+        return (None,) * 9
+    if not ctx.return_lse:
+        raise RuntimeError("fastsiglip.attention: the forward ran with return_lse=False, so there is no LSE to "
+                           "differentiate through; call it with return_lse=True when gradients are needed")
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastsiglip.attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(dtype, q, k, v, *rest):
+    """Under autocast: q, k, v in the autocast dtype (as scaled_dot_product_attention casts them)."""
+    return (cast(q, dtype), cast(k, dtype), cast(v, dtype), *rest)
+
+
+register_autocast("attention", _autocast_rule)
 
 
 # --- validation and the public function ---------------------------------------------------------
@@ -542,7 +616,7 @@ def _check_tensors(q, k, v):
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"attention: dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16 "
                         "or float32); cast the inputs, or use fastsiglip.reference.attention")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    if (k.dtype != q.dtype or v.dtype != q.dtype) and autocast_dtype(q.device.type) is None:
         raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_device("attention", {"q": q, "k": k, "v": v})
     head_dim = q.shape[-1] if q.dim() else 0
@@ -581,14 +655,15 @@ def _seqlen_bound(name, cu, total, max_seqlen):
 
     The values are checked on the CPU (free), and on CUDA when `max_seqlen` is None: that needs one
     host sync, which computes the maximum at the same time. With `max_seqlen` given on CUDA (the
-    model's path, no sync) the values are trusted: they must start at 0, not decrease, end at the
-    token count, and max_seqlen must bound every length.
+    model's path, no sync), or inside torch.compile (where reading values would break the graph),
+    the values are trusted: they must start at 0, not decrease, end at the token count, and
+    max_seqlen must bound every length.
     """
     if max_seqlen is not None:
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
             raise ValueError(f"attention: {name.replace('cu_seqlens', 'max_seqlen')} must be a non-negative int or None, "
                              f"got {max_seqlen!r}")
-        if cu.device.type == "cuda":
+        if cu.device.type == "cuda" or torch.compiler.is_compiling():
             return max_seqlen
     if cu.numel() == 1:
         first = last = int(cu[0])
@@ -648,8 +723,6 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
         raise ValueError(f"attention: a sequence of {max(max_q, max_k)} tokens x {row_elems} (H x D) elements passes "
                          "the kernel's int32 in-sequence offsets (2^31); split the sequence or use "
                          "fastsiglip.reference.attention")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o = AttentionFunction.apply(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale)
-    else:
-        o, _ = attention_fwd(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale)
+    return_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    o, _ = torch.ops.fastsiglip.attention(qp, kp, vp, cu_q, cu_k, max_q, max_k, scale, return_lse)
     return o if packed else o.view(q.shape)

@@ -28,21 +28,26 @@ dw and db are reduced in two deterministic stages (no atomics): the backward run
 of programs, each looping over its share of rows and writing one float32 row of partial sums;
 torch sums those rows afterwards.
 
-Weight and bias: the model holds its parameters in the model dtype, so they come in the input's
-dtype; float32 parameters (mixed precision) are accepted too. dw and db are returned in the
-parameter's own dtype. Input rows may have any row stride; a tensor whose last dimension is not
-contiguous is copied (`.contiguous()`) first, and so are strided weight and bias. Zero rows return empty outputs (and zero dw, db).
+Dtypes may differ, as under torch.autocast: weight and bias in any of the three dtypes (loaded
+as float32; dw and db are returned in the parameter's own dtype); with a residual, s is stored
+in PyTorch's promoted dtype of x and residual (a float32 residual stream stays float32 when x is
+bfloat16); y in `out_dtype` (default s's dtype; the autocast dtype under torch.autocast).
+Input rows may have any row stride; a tensor whose last dimension is not contiguous is copied
+(`.contiguous()`) first, and so are strided weight and bias. Zero rows return empty outputs (and
+zero dw, db).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ._device import INTERPRET, check_device
+from ._library import register_autocast
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 8192  # the widest row kept in registers (two 4096-wide pieces)
@@ -204,15 +209,17 @@ def _sm_count(device) -> int:
     return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def layer_norm_fwd(x, w, b, eps, residual=None):
+def layer_norm_fwd(x, w, b, eps, residual=None, out_dtype=None):
     """x, residual [M, N] (unit column stride) -> (y [M, N], s [M, N], mean [M], rstd [M] float32).
 
-    s is the normalized tensor: x + residual (new), or x itself without a residual.
+    s is the normalized tensor: x + residual (new, in the promoted dtype of the two), or x itself
+    without a residual. y is in `out_dtype`, default s's dtype.
     """
     M, N = x.shape
     block_a, block_b = _pieces(N)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    s = x if residual is None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((M, N), dtype=out_dtype or s_dtype, device=x.device)
+    s = x if residual is None else torch.empty((M, N), dtype=s_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
@@ -249,44 +256,94 @@ def layer_norm_bwd(dy, s, w, mean, rstd, ds_in=None):
     return ds, dw_partial.sum(0).to(w.dtype), db_partial.sum(0).to(w.dtype)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """(x, weight, bias, residual or None, eps) -> y, or (y, s) with a residual."""
+# --- custom operators: torch.ops.fastsiglip.layer_norm and .layer_norm_backward ----------------
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        shape = x.shape
-        x2 = _row_major(x)  # [M, N]
-        r2 = None if residual is None else _row_major(residual)
-        weight, bias = weight.contiguous(), bias.contiguous()  # [N], loaded with unit stride
-        y, s, mean, rstd = layer_norm_fwd(x2, weight, bias, eps, r2)
-        ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.shape, ctx.has_residual = shape, residual is not None
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if residual is None:
-            return y.view(shape)
-        return y.view(shape), s.view(shape)
 
-    @staticmethod
-    def backward(ctx, dy, ds_in=None):
-        s, weight, mean, rstd = ctx.saved_tensors
-        dsin = None if ds_in is None else _row_major(ds_in)
-        if dy is None:  # only s was used: the LayerNorm contributes nothing
-            ds = torch.zeros_like(s) if dsin is None else dsin
-            dw = db = None
-        else:
-            ds, dw, db = layer_norm_bwd(_row_major(dy), s, weight, mean, rstd, dsin)
-        dx = ds.reshape(ctx.shape)
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        return (dx, dw if need_w else None, db if need_b else None,
-                dx if ctx.has_residual else None, None)
+@torch.library.custom_op("fastsiglip::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                   eps: float, out_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual [..., N] -> (y [..., N] in out_dtype, s = x + residual [..., N], mean [M], rstd [M] float32).
+
+    M is the number of rows (x.numel() // N). Without a residual s is x itself, which an operator
+    may not return: s is then an empty tensor (the backward reads x instead). Differentiable in x,
+    weight, bias and residual (mean and rstd are not).
+    """
+    x2 = _row_major(x)  # [M, N]
+    r2 = None if residual is None else _row_major(residual)
+    y, s, mean, rstd = layer_norm_fwd(x2, weight.contiguous(), bias.contiguous(), eps, r2, out_dtype)
+    return y.view(x.shape), (x.new_empty(0) if residual is None else s.view(x.shape)), mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, residual, eps, out_dtype):
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rows = math.prod(x.shape[:-1])  # symbolic sizes stay symbolic (Size.numel() would specialize)
+    s = x.new_empty(0) if residual is None else x.new_empty(x.shape, dtype=s_dtype)
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype or s_dtype), s, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastsiglip::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, ds_in: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, s, ds_in [..., N] -> (ds [..., N] in s's dtype, dw [N], db [N] in weight's dtype).
+
+    ds_in: a gradient arriving on s itself (the residual form's second output), or None.
+    """
+    ds, dw, db = layer_norm_bwd(_row_major(dy), _row_major(s), weight.contiguous(), mean, rstd,
+                                None if ds_in is None else _row_major(ds_in))
+    return ds.view(s.shape), dw, db
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, s, weight, mean, rstd, ds_in):
+    return s.new_empty(s.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, out_dtype = inputs
+    y, s, mean, rstd = output
+    ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+
+
+def _backward(ctx, dy, ds_in, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    has_residual = ctx.residual_dtype is not None
+    ds_in = ds_in if has_residual else None
+    if dy is None:  # only s was used: the LayerNorm contributes nothing
+        ds, dw, db = (torch.zeros_like(s) if ds_in is None else ds_in), None, None
+    else:
+        ds, dw, db = torch.ops.fastsiglip.layer_norm_backward(dy, s, weight, mean, rstd, ds_in)
+    # d s / d x = d s / d residual = I: both receive ds, in their own dtypes, as PyTorch's add does.
+    return (ds.to(ctx.x_dtype), dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
+            ds.to(ctx.residual_dtype) if has_residual else None, None, None)
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(dtype, x, weight, bias, residual, eps, out_dtype):
+    """Under autocast: inputs as they are (statistics are float32 anyway, and a float32 residual
+    stream stays float32), the output in the autocast dtype."""
+    return x, weight, bias, residual, eps, out_dtype or dtype
+
+
+register_autocast("layer_norm", _autocast_rule)
 
 
 def layer_norm(x, weight, bias, eps=1e-6, residual=None):
     """LayerNorm over the last dimension; with `residual`, returns (LN(x + residual), x + residual).
 
     Same signature and results as fastsiglip.reference.layer_norm. x [..., N] in float16,
-    bfloat16 or float32, N <= 8192; weight and bias [N] in x's dtype or float32; residual
-    like x. Differentiable in x, weight, bias and residual.
+    bfloat16 or float32, N <= 8192; weight and bias [N] and residual (x's shape) in any of those
+    dtypes (x + residual is formed in their promoted dtype). Differentiable in x, weight, bias and
+    residual. Runs torch.ops.fastsiglip.layer_norm: under torch.autocast y is in the autocast dtype.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"layer_norm: x must be a tensor, got {type(x).__name__}")
@@ -306,15 +363,16 @@ def layer_norm(x, weight, bias, eps=1e-6, residual=None):
         if tuple(p.shape) != (N,):
             raise ValueError(f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({N},) to match x's last "
                              f"dimension (x shape {tuple(x.shape)})")
-        if p.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"layer_norm: {name} dtype {p.dtype} must be x's dtype ({x.dtype}) or float32")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"layer_norm: {name} dtype {p.dtype} is not supported (float16, bfloat16 or float32)")
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
             got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"layer_norm: residual must have x's shape {tuple(x.shape)}, got {got}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"layer_norm: residual dtype {residual.dtype} differs from x's {x.dtype}; "
-                            "cast one of them")
+        if residual.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"layer_norm: residual dtype {residual.dtype} is not supported (float16, bfloat16 or "
+                            "float32)")
     tensors = {"x": x, "weight": weight, "bias": bias, **({} if residual is None else {"residual": residual})}
     check_device("layer_norm", tensors)
-    return LayerNormFunction.apply(x, weight, bias, residual, float(eps))
+    y, s, _, _ = torch.ops.fastsiglip.layer_norm(x, weight, bias, residual, float(eps), None)
+    return y if residual is None else (y, s)

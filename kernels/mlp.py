@@ -24,11 +24,14 @@ the transient write is M*I elements, once.
 from __future__ import annotations
 
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._device import INTERPRET, check_device
+from ._library import autocast_dtype, cast, register_autocast
 
 # GELU, tanh approximation (Hendrycks & Gimpel 2016), exactly as F.gelu(approximate="tanh"):
 #   gelu(x)  = 0.5 x (1 + tanh u),  u = SQRT_2_OVER_PI (x + GELU_COEF x^3)
@@ -83,6 +86,10 @@ else:
         _config(128, 128, 64, 4, 4),
         _config(128, 64, 64, 4, 4),
         _config(64, 128, 64, 4, 4),
+        # 32 float32 accumulators per thread: for the GELU-gradient epilogue (see _prune_configs)
+        _config(128, 64, 64, 4, 8),
+        _config(64, 128, 64, 4, 8),
+        _config(64, 64, 64, 4, 4),
     ]
     # IEEE float32 dots run on FMA units: smaller tiles, 4-byte elements in shared memory.
     _CONFIGS_FP32 = [
@@ -92,10 +99,34 @@ else:
     ]
 
 
+# Float32 accumulators per thread (BLOCK_M * BLOCK_N / threads) a config may hold, by epilogue.
+# The fused epilogues keep more [BLOCK_M, BLOCK_N] float32 tiles live beside the accumulator (h,
+# gelu(h), gelu'(h), the residual), and tiles above these caps spilled when compiled for sm_90
+# (bench/compile_check.py, triton 3.9): bias + GELU or residual at 128 per thread 16-224 B, the
+# GELU-gradient epilogue at 64 per thread 32-44 B and at 128 per thread 1.4-1.5 KB. Spilling
+# configs are not worth the autotuner's time; the compile check guards these caps. The three
+# 32-per-thread tiles serve the GELU-gradient epilogue only (fc2 + residual at 128 x 64 with 8
+# warps spilled 12 B on sm_100).
+MAX_ACC_PER_THREAD = {"plain": 128, "fused": 64, "gelu_grad": 32}
+
+
+def _acc_per_thread(c):
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs written for the operand dtype (IEEE float32 or 16-bit)."""
+    """The configs written for the operand dtype (IEEE float32 or 16-bit) whose accumulator tile
+    fits the registers beside the launch's epilogue (MAX_ACC_PER_THREAD); the last three 16-bit
+    tiles (32 per thread) only for the GELU-gradient epilogue."""
     wanted = _CONFIGS_FP32 if named_args["a_ptr"].dtype == torch.float32 else _CONFIGS_16BIT
-    return [c for c in configs if any(c is w for w in wanted)] or configs[:1]
+    args = {**named_args, **kwargs}
+    if args.get("EPILOGUE") == EPI_GELU_GRAD.value:
+        kind = "gelu_grad"
+    else:
+        kind = "fused" if args.get("EPILOGUE") == EPI_GELU.value or args.get("HAS_RESIDUAL") else "plain"
+        wanted = wanted[:6]
+    kept = [c for c in configs if any(c is w for w in wanted) and _acc_per_thread(c) <= MAX_ACC_PER_THREAD[kind]]
+    return kept or [c for c in configs if any(c is w for w in wanted)][:1] or configs[:1]
 
 
 @triton.jit
@@ -284,13 +315,13 @@ def mlp_bwd(dy, x, h, w1, w2, needs=(True,) * 5):
             colsum = torch.empty((triton.cdiv(M, COLSUM_ROWS.value), I), device=h.device, dtype=torch.float32)
         # dh is computed even when only dW2 is wanted: the same launch recomputes gelu(h).
         _matmul(dy, w2, dh, epilogue=EPI_GELU_GRAD.value, aux_in=h, aux_out=a, colsum=colsum)
-    if need_dw2:
-        dw2 = _matmul(dy.t(), a, torch.empty_like(w2), split_k=True)  # [C, I] = [C, M] @ [M, I]
+    if need_dw2:  # [C, I] = [C, M] @ [M, I]; contiguous whatever w2's strides (as the fake says)
+        dw2 = _matmul(dy.t(), a, torch.empty_like(w2, memory_format=torch.contiguous_format), split_k=True)
         del a
     if need_db2:
         db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype)  # [C]
-    if need_dw1:
-        dw1 = _matmul(dh.t(), x, torch.empty_like(w1), split_k=True)  # [I, C] = [I, M] @ [M, C]
+    if need_dw1:  # [I, C] = [I, M] @ [M, C]
+        dw1 = _matmul(dh.t(), x, torch.empty_like(w1, memory_format=torch.contiguous_format), split_k=True)
     if need_db1:
         db1 = colsum.sum(0).to(w1.dtype)  # [I]
     if need_dx:
@@ -298,25 +329,82 @@ def mlp_bwd(dy, x, h, w1, w2, needs=(True,) * 5):
     return dx, dw1, db1, dw2, db2
 
 
-class MLPFunction(torch.autograd.Function):
-    """Saves x and the pre-activation h (plus the weights, which are parameters anyway)."""
+# --- custom operators: torch.ops.fastsiglip.mlp and .mlp_backward -----------------------------------
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual):
-        C = x.shape[-1]
-        res2d = residual.reshape(-1, C) if residual is not None else None
-        y, h = mlp_fwd(x.reshape(-1, C), w1, b1, w2, b2, res2d, save_pre=True)
-        ctx.save_for_backward(x, h, w1, w2)
-        return y.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, w1, w2 = ctx.saved_tensors
-        C = x.shape[-1]
-        need = ctx.needs_input_grad
-        dx, dw1, db1, dw2, db2 = mlp_bwd(dy.reshape(-1, C), x.reshape(-1, C), h, w1, w2, needs=need[:5])
-        return (dx.view(x.shape) if dx is not None else None, dw1, db1, dw2, db2,
-                dy if need[5] else None)
+@torch.library.custom_op("fastsiglip::mlp", mutates_args=())
+def _mlp_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+            fc2_bias: torch.Tensor | None, residual: torch.Tensor | None, save_pre: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., C] -> (y [..., C], h [M, I]): y = fc2(gelu(fc1(x))) [+ residual], all inputs one dtype.
+
+    h, the pre-activation the backward needs, is written only with `save_pre` (an empty tensor
+    otherwise: inference allocates no [M, I] buffer besides the transient GELU output).
+    Differentiable in every tensor when called with save_pre=True.
+    """
+    C = x.shape[-1]
+    res2d = residual.reshape(-1, C) if residual is not None else None
+    y, h = mlp_fwd(x.reshape(-1, C), fc1_weight, fc1_bias, fc2_weight, fc2_bias, res2d, save_pre=save_pre)
+    return y.view(x.shape), (h if save_pre else x.new_empty(0))
+
+
+@_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, save_pre):
+    rows = math.prod(x.shape[:-1])  # symbolic sizes stay symbolic (Size.numel() would specialize)
+    h = x.new_empty((rows, fc1_weight.shape[0])) if save_pre else x.new_empty(0)
+    return x.new_empty(x.shape), h
+
+
+@torch.library.custom_op("fastsiglip::mlp_backward", mutates_args=())
+def _mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, fc1_weight: torch.Tensor,
+                     fc2_weight: torch.Tensor, needs: list[bool]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, x [..., C], h [M, I] -> (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias).
+
+    `needs`: which of the five to compute; the others come back as empty tensors.
+    """
+    C = x.shape[-1]
+    grads = mlp_bwd(dy.reshape(-1, C), x.reshape(-1, C), h, fc1_weight, fc2_weight, needs=tuple(needs))
+    dx, dw1, db1, dw2, db2 = (g if g is not None else x.new_empty(0) for g in grads)
+    return (dx.view(x.shape) if needs[0] else dx), dw1, db1, dw2, db2
+
+
+@_mlp_backward_op.register_fake
+def _(dy, x, h, fc1_weight, fc2_weight, needs):
+    inter, hidden = fc1_weight.shape
+    shapes = (x.shape, (inter, hidden), (inter,), (hidden, inter), (hidden,))
+    return tuple(x.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, save_pre = inputs
+    ctx.save_for_backward(x, output[1], w1, w2)  # x and h: what the backward reads
+    ctx.save_pre = save_pre
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, _dh):
+    if dy is None:
+        return (None,) * 7
+    if not ctx.save_pre:
+        raise RuntimeError("fastsiglip.mlp: the forward ran with save_pre=False, so there is no pre-activation "
+                           "to differentiate through; call it with save_pre=True when gradients are needed")
+    x, h, w1, w2 = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = torch.ops.fastsiglip.mlp_backward(dy, x, h, w1, w2, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), dy if ctx.needs_input_grad[5] else None, None)
+
+
+_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(dtype, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, save_pre):
+    """Under autocast: every tensor in the autocast dtype, as F.linear casts its input, weight and bias."""
+    return (*(cast(t, dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)), save_pre)
+
+
+register_autocast("mlp", _autocast_rule)
 
 
 def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
@@ -329,9 +417,11 @@ def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"mlp: dtype {x.dtype} is not supported by the Triton kernel (float16, bfloat16 "
                         "or float32); cast the inputs, or use fastsiglip.reference.mlp")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"mlp: {name} is {t.dtype} but x is {x.dtype}; all inputs must share one dtype")
+    if autocast_dtype(x.device.type) is None:  # under autocast the operator casts them to one dtype
+        for name, t in tensors.items():
+            if t.dtype != x.dtype:
+                raise TypeError(f"mlp: {name} is {t.dtype} but x is {x.dtype}; all inputs must share one dtype "
+                                "(or run under torch.autocast)")
     check_device("mlp", tensors)
     if x.dim() < 1 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         raise ValueError(f"mlp: expected x [..., C], fc1_weight [I, C], fc2_weight [C, I]; got shapes "
@@ -351,13 +441,11 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
 
     x [..., C]; nn.Linear layout: fc1_weight [I, C], fc1_bias [I], fc2_weight [C, I], fc2_bias [C]
     (biases may be None); residual, if given, has x's shape and is added to the output.
-    float16, bfloat16 or float32 CUDA tensors (CPU only under TRITON_INTERPRET=1).
+    float16, bfloat16 or float32 CUDA tensors (CPU only under TRITON_INTERPRET=1), one dtype, or
+    any mix of them under torch.autocast (which runs the kernel in the autocast dtype).
+    Runs torch.ops.fastsiglip.mlp; the pre-activation is kept only when autograd needs it.
     """
     _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     inputs = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return MLPFunction.apply(*inputs)
-    C = x.shape[-1]
-    res2d = residual.reshape(-1, C) if residual is not None else None
-    y, _ = mlp_fwd(x.reshape(-1, C), fc1_weight, fc1_bias, fc2_weight, fc2_bias, res2d)
-    return y.view(x.shape)
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return torch.ops.fastsiglip.mlp(*inputs, save_pre)[0]

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ._device import INTERPRET, check_device
+from ._library import autocast_dtype, cast, register_autocast
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Default block side: 8192^2 pairs is 128 MiB of G in 16-bit (256 MiB in float32), big enough
@@ -96,20 +97,21 @@ else:
     ]
 
 
-# With gradients the epilogue keeps the logits tile, G and the loss terms live at once: tiles
-# with more than 32 float32 accumulators per thread spilled 0.9-8 KB per thread when compiled
-# for sm_90 (triton 3.6 and 3.9), so they are not worth the autotuner's time.
-MAX_ACC_PER_THREAD_WITH_GRAD = 32
+# The epilogue keeps the logits tile, the loss terms (and with gradients G) live at once: tiles
+# with more than 32 float32 accumulators per thread spilled when compiled by bench/compile_check.py,
+# with gradients 0.9-8 KB per thread on sm_90 (triton 3.6 and 3.9), without gradients 3.7-3.8 KB
+# at 128 per thread on sm_90 and 8 B at 64 per thread (64 x 128, 4 warps) on sm_100 (triton 3.9).
+# Spilling configs are not worth the autotuner's time.
+MAX_ACC_PER_THREAD = 32
 
 
 def _prune(configs, named_args, **kwargs):
-    """The configs written for the operand dtype (IEEE float32 or 16-bit), and with gradients
-    only those whose accumulator tile fits the registers."""
+    """The configs written for the operand dtype (IEEE float32 or 16-bit) whose accumulator tile
+    fits the registers beside the epilogue (MAX_ACC_PER_THREAD)."""
     wanted = _CONFIGS_FP32 if named_args["img_ptr"].dtype == torch.float32 else _CONFIGS
     kept = [c for c in configs if any(c is w for w in wanted)]
-    if kwargs.get("WITH_GRAD", named_args.get("WITH_GRAD", True)):
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-                <= MAX_ACC_PER_THREAD_WITH_GRAD] or kept
+    kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+            <= MAX_ACC_PER_THREAD] or kept
     return kept or configs[:1]
 
 
@@ -201,11 +203,13 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _loss_dtype(embeds, logit_scale, logit_bias) -> torch.dtype:
     """The reference's result dtype, (embeds @ embeds^T) * exp(logit_scale) + logit_bias, by
-    PyTorch's promotion rules (a one-element [1] parameter promotes 16-bit logits to float32, a
-    0-dim one does not)."""
-    logits = torch.empty(1, 1, dtype=embeds.dtype, device="meta")
-    logits = logits * torch.empty(logit_scale.shape, dtype=logit_scale.dtype, device="meta")
-    return torch.result_type(logits, torch.empty(logit_bias.shape, dtype=logit_bias.dtype, device="meta"))
+    PyTorch's promotion rules for floating tensors: a one-element [1] parameter promotes 16-bit
+    logits to float32, a 0-dim one does not (a 0-dim tensor never promotes within its category)."""
+    dtype = embeds.dtype
+    for p in (logit_scale, logit_bias):
+        if p.dim() > 0:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
 
 
 def sigmoid_loss_fwd(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, positive_offset,
@@ -264,25 +268,59 @@ def sigmoid_loss_fwd(image_embeds, text_embeds, logit_scale, logit_bias, chunk_s
     return loss, d_img, d_txt, d_scale, d_bias
 
 
-class SigmoidLossFunction(torch.autograd.Function):
-    """Forward computes the loss and (when anything needs a gradient) all four gradients;
-    backward scales them by grad_output: the B x B matrix is never kept for backward."""
+# --- custom operator: torch.ops.fastsiglip.sigmoid_loss -----------------------------------------
 
-    @staticmethod
-    def forward(ctx, image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, positive_offset):
-        with_grad = any(ctx.needs_input_grad[:4])
-        loss, *grads = sigmoid_loss_fwd(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size,
-                                        positive_offset, with_grad)
-        if with_grad:
-            ctx.save_for_backward(*grads)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        d_img, d_txt, d_scale, d_bias = ctx.saved_tensors
-        go = grad_output.float()
-        return ((d_img * go).to(d_img.dtype), (d_txt * go).to(d_txt.dtype), (d_scale * go).to(d_scale.dtype),
-                (d_bias * go).to(d_bias.dtype), None, None)
+@torch.library.custom_op("fastsiglip::sigmoid_loss", mutates_args=())
+def _sigmoid_loss_op(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                     logit_bias: torch.Tensor, chunk_size: int, positive_offset: int, with_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [], d_image [Bi, D], d_text [Bt, D], d_scale, d_bias): the loss and, with `with_grad`,
+    its four gradients for grad_output = 1 (empty tensors without). The backward only scales those
+    by grad_output: no backward operator, and the B x B matrix is never kept."""
+    loss, *grads = sigmoid_loss_fwd(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size,
+                                    positive_offset, with_grad)
+    if not with_grad:
+        grads = [image_embeds.new_empty(0) for _ in range(4)]
+    return (loss, *grads)
+
+
+@_sigmoid_loss_op.register_fake
+def _(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, positive_offset, with_grad):
+    loss = image_embeds.new_empty((), dtype=_loss_dtype(image_embeds, logit_scale, logit_bias))
+    if not with_grad:
+        return (loss, *(image_embeds.new_empty(0) for _ in range(4)))
+    return (loss, image_embeds.new_empty(image_embeds.shape), text_embeds.new_empty(text_embeds.shape),
+            logit_scale.new_empty(logit_scale.shape), logit_bias.new_empty(logit_bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.with_grad = inputs[6]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_output, *_):
+    if grad_output is None:
+        return (None,) * 7
+    if not ctx.with_grad:
+        raise RuntimeError("fastsiglip.sigmoid_loss: the forward ran with with_grad=False, so it stored no "
+                           "gradients; call it with with_grad=True when gradients are needed")
+    go = grad_output.float()
+    return (*((g * go).to(g.dtype) for g in ctx.saved_tensors), None, None, None)
+
+
+_sigmoid_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(dtype, image_embeds, text_embeds, *rest):
+    """Under autocast: the embeddings in the autocast dtype (as the reference's logits matmul casts
+    them); logit_scale and logit_bias stay as they are (float32 parameters, used as scalars)."""
+    return (cast(image_embeds, dtype), cast(text_embeds, dtype), *rest)
+
+
+register_autocast("sigmoid_loss", _autocast_rule)
 
 
 def _check(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, positive_offset):
@@ -300,7 +338,7 @@ def _check(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, posit
     if logit_scale.numel() != 1 or logit_bias.numel() != 1:
         raise ValueError(f"sigmoid_loss: logit_scale and logit_bias must be scalars (one element each), got "
                          f"shapes {tuple(logit_scale.shape)} and {tuple(logit_bias.shape)}")
-    if image_embeds.dtype != text_embeds.dtype:
+    if image_embeds.dtype != text_embeds.dtype and autocast_dtype(image_embeds.device.type) is None:
         raise ValueError(f"sigmoid_loss: image_embeds is {image_embeds.dtype} but text_embeds is "
                          f"{text_embeds.dtype}; cast both to one dtype")
     if image_embeds.dtype not in SUPPORTED_DTYPES:
@@ -330,9 +368,11 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size=
     """
     _check(image_embeds, text_embeds, logit_scale, logit_bias, chunk_size, positive_offset)
     chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    with_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_embeds, text_embeds, logit_scale, logit_bias))
     # Any strides work: the kernel and cuBLAS take them, nothing is copied.
-    return SigmoidLossFunction.apply(image_embeds, text_embeds, logit_scale, logit_bias, chunk,
-                                     positive_offset)
+    return torch.ops.fastsiglip.sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, chunk,
+                                             positive_offset, with_grad)[0]
 
 
-__all__ = ["sigmoid_loss", "sigmoid_loss_fwd", "SigmoidLossFunction", "DEFAULT_CHUNK"]
+__all__ = ["sigmoid_loss", "sigmoid_loss_fwd", "DEFAULT_CHUNK"]

@@ -265,16 +265,22 @@ def test_naflex_gradients(tmp_path):
 
 @pytest.mark.parametrize("family", ["siglip", "siglip2"])
 def test_ops_get_contiguous_inputs(monkeypatch, family):
-    """What the model hands to fastsiglip.ops is what kernels want: contiguous tensors, int32
-    cu_seqlens of length B + 1, python-int max_seqlen."""
+    """What the model hands to fastsiglip.ops is what kernels want: contiguous tensors (q, k, v:
+    unit stride along D and the other strides multiples of 8, which the attention kernel reads
+    without a copy), int32 cu_seqlens of length B + 1, python-int max_seqlen."""
     from fastsiglip import ops
 
     seen = []
 
     def spy(name, fn):
         def wrapper(*args, **kwargs):
-            for a in list(args) + list(kwargs.values()):
-                if isinstance(a, torch.Tensor):
+            for i, a in enumerate(list(args) + list(kwargs.values())):
+                if not isinstance(a, torch.Tensor):
+                    continue
+                if name == "attention" and i < 3:  # q, k, v: views of the fused QKV output, or copies
+                    assert a.stride(-1) == 1 and all(s % 8 == 0 for s in a.stride()[:-1]), \
+                        f"attention got a {tuple(a.shape)} operand with strides {a.stride()} the kernel would copy"
+                else:
                     assert a.is_contiguous(), f"{name} got a non-contiguous {tuple(a.shape)} tensor"
             if name == "attention" and len(args) > 3:
                 assert args[3].dtype == args[4].dtype == torch.int32 and args[3].numel() == args[4].numel()
