@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing (see ../shared/BENCHMARKING.md): timing, ceilings, results.
+"""Shared benchmark plumbing for the scripts: timing, ceilings, results (timing, ceilings, floors
+and peer lookup are fastsiglip.benchmarks', shared with the pytest-benchmark suite and the CLI).
 
 Every bench script: measures the device's ceilings in the same process, times each
 implementation side by side with `time_ms`, reports the floor (FLOPs and bytes over the
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import pathlib
 import re
 import sys
 
 import torch
+
+from fastsiglip import benchmarks
+from fastsiglip.benchmarks import floor_ms, optional_peer  # noqa: F401 -- the scripts import them from here
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
@@ -33,22 +36,9 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def optional_peer(module: str, attr: str):
-    """`module.attr` from a peer package that may be absent, or "not installed (<error>)"."""
-    try:
-        found = importlib.import_module(module)
-        if not hasattr(found, attr):  # what `from module import attr` raises
-            raise ImportError(f"cannot import name {attr!r} from {module!r}")
-        return getattr(found, attr)
-    except Exception as e:  # noqa: BLE001 -- any import failure means "not available here"
-        return f"not installed ({type(e).__name__})"
-
-
 def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of fn() after warm-up (triton.testing.do_bench, which flushes L2)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return benchmarks.time_ms(fn, "cuda", warmup, rep)
 
 
 def peak_memory_mb(fn) -> float:
@@ -63,22 +53,10 @@ def peak_memory_mb(fn) -> float:
 
 def measure_ceilings(dtype=torch.bfloat16) -> dict:
     """Measured matmul TFLOP/s (8192^3 GEMM in `dtype`) and copy bandwidth (1 GiB copy), GB/s; printed."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms = time_ms(lambda: a @ b)
-    src = torch.randn(2**28, device="cuda")  # 1 GiB of float32
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src))
-    ceilings = {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
+    ceilings = benchmarks.measure_ceilings(dtype, "cuda")
     print(f"ceilings: {ceilings['matmul_tflops']:.0f} TFLOP/s {str(dtype).removeprefix('torch.')} matmul, "
           f"{ceilings['copy_gbps']:.0f} GB/s copy")
     return ceilings
-
-
-def floor_ms(flops: float, bytes_moved: float, ceilings: dict) -> float:
-    """The time below which nothing can go: max(FLOPs / matmul peak, bytes / copy bandwidth)."""
-    return max(flops / (ceilings["matmul_tflops"] * 1e9), bytes_moved / (ceilings["copy_gbps"] * 1e6))
 
 
 def device_slug() -> str:

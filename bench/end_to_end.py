@@ -20,21 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parse_args, peak_memory_mb, require_cuda, time_ms, write_results  # noqa: E402
 
+from fastsiglip.benchmarks import transformers_twin  # noqa: E402 -- fastsiglip's weights in transformers' model
+
 DEFAULT_PRESETS = ["siglip2-base-patch16-224", "siglip2-so400m-patch14-384", "siglip2-base-patch16-naflex"]
-
-
-def transformers_twin(model, cfg):
-    """The transformers model with fastsiglip's weights."""
-    import transformers
-
-    from fastsiglip.config import to_dict
-
-    d = to_dict(cfg)
-    cls = transformers.Siglip2Model if cfg.naflex else transformers.SiglipModel
-    conf_cls = transformers.Siglip2Config if cfg.naflex else transformers.SiglipConfig
-    hf = cls(conf_cls(**{k: v for k, v in d.items() if k != "architectures"}))
-    hf.load_state_dict(model.state_dict(), strict=True)
-    return hf
 
 
 def image_inputs(cfg, batch, device, dtype, gen):

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastsiglip.benchmarks import naive_loss  # the textbook B x B loss, shared with the benchmark suite
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     floor_ms, measure_ceilings, optional_peer, parse_args, peak_memory_mb, require_cuda, time_ms, write_results,
@@ -37,13 +39,6 @@ from common import (  # noqa: E402
 COMPILE_MAX_B = 65536  # torch.compile per batch size costs ~30 s each; larger B OOMs anyway
 TARGET_B, TARGET_D = 65536, 768
 TARGET_MS, TARGET_VS_PEER, TARGET_VS_EAGER, TARGET_MEM_MB = 30.0, 1.5, 3.0, 1536.0
-
-
-def naive_loss(img, txt, logit_scale, logit_bias):
-    """The textbook loss: [B, B] logits, +1 on the diagonal, -1 elsewhere."""
-    logits = img @ txt.t() * logit_scale.exp() + logit_bias  # [B, B]
-    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
 def peers():
