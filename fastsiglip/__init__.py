@@ -9,7 +9,7 @@ Importing fastsiglip needs neither triton nor a GPU nor transformers: the Triton
 """
 
 from . import config, ops, reference
-from .api import classify, embed_files, encode_images, encode_texts, zero_shot
+from .api import classify, embed_files, embed_texts, encode_images, encode_texts, zero_shot
 from .config import ModelConfig, preset
 from .loading import CheckpointError, load, resolve
 from .model import SiglipForImageClassification, SiglipModel, SiglipTextModel, SiglipVisionModel, build
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ModelConfig", "SiglipForImageClassification", "SiglipModel", "SiglipTextModel",
-    "SiglipVisionModel", "SigmoidLoss", "Tokenizer", "build", "classify", "distributed_sigmoid_loss", "embed_files", "encode_images", "encode_texts", "finetune", "load", "load_processor",
+    "SiglipVisionModel", "SigmoidLoss", "Tokenizer", "build", "classify", "distributed_sigmoid_loss", "embed_files", "embed_texts", "encode_images", "encode_texts", "finetune", "load", "load_processor",
     "load_tokenizer", "preset", "resolve", "sigmoid_loss", "zero_shot",
 ]

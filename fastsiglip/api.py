@@ -48,6 +48,10 @@ DEFAULT_TEMPLATE = "This is a photo of {}."
 # change of weights, config or tokenizer shows up in practice.
 FINGERPRINT_SUFFIXES = (".json", ".model", ".safetensors")
 FINGERPRINT_BYTES = 1 << 20
+# embed: a decoding worker that delivers no batch for this long is taken as stuck (a hung network
+# read, a deadlock): the job stops with an error, its finished batches kept for --resume.
+WORKER_TIMEOUT_S = 600
+DECODE_MODES = ("exact", "draft")
 
 
 def _processor(model, processor):
@@ -169,7 +173,8 @@ def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, proces
 
 
 # ---------------------------------------------------------------------------------------------
-# embed_files: the `fastsiglip embed` job. Resumable, and the output appears atomically.
+# embed_files and embed_texts: the `fastsiglip embed` and `embed-text` jobs. Resumable, the
+# output appears atomically, one file or shards plus an index.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -185,6 +190,132 @@ def list_images(inputs) -> list[str]:
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def image_inputs(inputs, *, image_column: str = "image"):
+    """The images of `fastsiglip embed`'s inputs as a data.Pairs (captions unused), each keyed:
+
+      * a folder: its image files, recursively, sorted (key: the path);
+      * an image file (any other suffix but those below): itself (key: the path);
+      * a file list (.txt): one path a line, relative to the list's folder unless absolute;
+        blank lines and lines starting with # ignored (key: the line as written);
+      * a manifest (.csv / .tsv / .jsonl) with an `image_column` column, paths as above (key: the
+        column's value);
+      * WebDataset-style tar shards (.tar, or a brace pattern shards/x-{000..009}.tar): every
+        <key>.jpg|jpeg|png|webp member (key: the WebDataset __key__); keys that have other
+        members (.txt, .json) but no image are skipped and listed.
+
+    The same file given twice is embedded once; a key seen before for another image (a key
+    repeated across shards, a list line equal to another file's manifest value) is skipped and
+    listed. Returns the Pairs; its `skipped` lists (key, reason) of what was left out while listing.
+    """
+    from . import data
+
+    records, skipped = [], []
+    for item in _as_list(inputs):
+        text = os.fspath(item)
+        path = pathlib.Path(text)
+        suffix = path.suffix.lower()
+        if path.is_dir():
+            records += [data.Record(f, f, "") for f in list_images([path])]
+        elif suffix in (".tar",) or ("{" in text and not path.exists()):
+            shards = data.expand_braces(text)
+            missing = [s for s in shards if not os.path.isfile(s)]
+            if missing:
+                raise FileNotFoundError(f"{text}: {len(missing)} of its {len(shards)} shards do not exist, e.g. "
+                                        f"{missing[0]}")
+            pairs = data.index_shards(shards, source=text, images_only=True)
+            records += pairs.records
+            skipped += pairs.skipped
+        elif not path.is_file():
+            raise FileNotFoundError(f"{text}: no such file or folder")
+        elif suffix in (".csv", ".tsv", ".jsonl"):
+            records += data.read_manifest(path, image_column=image_column, text_column=None).records
+        elif suffix == ".txt":
+            folder = path.parent.resolve()
+            for line in path.read_text(encoding="utf-8").split("\n"):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    file = pathlib.Path(line).expanduser()
+                    records.append(data.Record(line, str(file if file.is_absolute() else folder / file), ""))
+        else:
+            records.append(data.Record(text, text, ""))
+    unique, seen = [], {}
+    for rec in records:
+        if rec.key not in seen:
+            seen[rec.key] = rec.image
+            unique.append(rec)
+        elif seen[rec.key] != rec.image:  # the same file given twice is simply embedded once
+            skipped.append((rec.key, f"duplicate key: an earlier input already has {rec.key!r}"))
+    if not unique:
+        raise ValueError(f"no images found in {', '.join(map(os.fspath, _as_list(inputs)))}")
+    pairs = data.Pairs(unique, [range(len(unique))], ", ".join(map(os.fspath, _as_list(inputs))))
+    pairs.skipped = skipped
+    return pairs
+
+
+def read_texts(path, *, column: str = "text", id_column: str | None = None) -> tuple[list[str], list[str]]:
+    """(keys, texts) of `fastsiglip embed-text`'s input.
+
+      * .txt: one text a line (UTF-8, "\\n" or "\\r\\n"); key: the line number (1-based). An empty
+        line is kept as an empty text (the tokenizer gives EOS and padding), so that row i of the
+        output is line i + 1 of the file; a final newline does not make an extra line.
+      * .jsonl: one JSON object a line with a string `column` (blank lines ignored); key: the
+        line number, or the `id_column` value.
+      * .csv / .tsv: a header row naming `column`; key: the row number (1 = the first row after
+        the header), or the `id_column` value.
+    Keys must be unique (an id column with repeats is an error): resuming goes by key.
+    """
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if suffix not in (".txt", ".jsonl", ".csv", ".tsv"):
+        raise ValueError(f"{path}: embed-text reads .txt (one text a line), .jsonl, .csv or .tsv files")
+    keys, texts = [], []
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
+        if suffix == ".txt":
+            lines = f.read().split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            texts = [line.removesuffix("\r") for line in lines]
+            keys = [str(i + 1) for i in range(len(texts))]
+        elif suffix == ".jsonl":
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+                _add_text_row(path, f"line {number}", row, column, id_column, str(number), keys, texts)
+        else:
+            import csv
+
+            reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
+            for number, row in enumerate(reader, 1):
+                _add_text_row(path, f"row {number}", row, column, id_column, str(number), keys, texts)
+    if not texts:
+        raise ValueError(f"{path} holds no texts")
+    if len(set(keys)) != len(keys):
+        import collections
+
+        repeated = next(k for k, n in collections.Counter(keys).items() if n > 1)
+        raise ValueError(f"{path}: id column {id_column!r} repeats {repeated!r}; keys must be unique (resuming goes "
+                         "by key): pass another --id-column or none (then the row number is the key)")
+    return keys, texts
+
+
+def _add_text_row(path, where, row, column, id_column, number, keys, texts):
+    if not isinstance(row, dict) or column not in row:
+        names = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{path}, {where}: no column {column!r} (found: {names}); name it with --column")
+    if not isinstance(row[column], str):
+        raise ValueError(f"{path}, {where}: {column!r} is {type(row[column]).__name__}, not a string")
+    if id_column is not None and row.get(id_column) in (None, ""):
+        raise ValueError(f"{path}, {where}: no value in id column {id_column!r}")
+    keys.append(str(row[id_column]) if id_column is not None else number)
+    texts.append(row[column])
 
 
 def checkpoint_fingerprint(folder) -> str:
@@ -203,13 +334,18 @@ def checkpoint_fingerprint(folder) -> str:
     return h.hexdigest()
 
 
-def _job_identity(model, proc, max_num_patches) -> dict:
+def _job_identity(model, proc, max_num_patches, kind: str = "images", decode: str = "exact") -> dict:
     """What must not change between an interrupted run and its resumption."""
     folder = getattr(model, "checkpoint_dir", None)
-    image = proc.image_processor
-    settings = repr(image)
-    if image is not None and image.naflex:
-        settings += f" max_num_patches={max_num_patches or image.max_num_patches}"
+    if kind == "texts":
+        settings = f"texts: {proc.tokenizer!r}"
+    else:
+        image = proc.image_processor
+        settings = repr(image)
+        if image is not None and image.naflex:
+            settings += f" max_num_patches={max_num_patches or image.max_num_patches}"
+        if decode != "exact":
+            settings += f" decode={decode}"
     return {"model": str(folder or ""), "fingerprint": checkpoint_fingerprint(folder) if folder else "",
             "dtype": str(next(model.parameters()).dtype), "processing": settings}
 
@@ -239,29 +375,42 @@ def _save_npy(path, embeddings, meta):
         with open(tmp, "wb") as f:
             np.save(f, embeddings.numpy())
 
-    side = path.with_name(path.name + ".json")  # the row -> file map, which .npy cannot hold
+    side = path.with_name(path.name + ".json")  # the row -> key map, which .npy cannot hold
     _atomic_write(side, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     _atomic_write(path, write)
 
 
-def _read_output(path: pathlib.Path):
+def _read_output(path: pathlib.Path, field: str = "paths"):
     """(embeddings [N, D], meta) of a finished output file (or a partial chunk)."""
     if path.suffix == ".npy":
         import numpy as np
 
         side = path.with_name(path.name + ".json")
         if not side.is_file():
-            raise ValueError(f"{path} has no {side.name} (its row -> file map): cannot resume from it")
+            raise ValueError(f"{path} has no {side.name} (its row -> key map): cannot resume from it")
         emb, meta = torch.from_numpy(np.load(path)), json.loads(side.read_text())
     else:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             emb, meta = f.get_tensor("embeddings"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    if "paths" not in meta or (meta["paths"] and emb.shape[0] != len(meta["paths"])):
-        raise ValueError(f"{path}: its rows and its list of paths disagree (not written by fastsiglip embed, or "
-                         "a .npy and its .json from different runs); delete it or run without --resume")
+    if field not in meta or (meta[field] and emb.shape[0] != len(meta[field])):
+        raise ValueError(f"{path}: its rows and its list of {field} disagree (not written by this fastsiglip job, "
+                         "or a .npy and its .json from different runs); delete it or pass --overwrite")
     return emb, meta
+
+
+def _read_meta(path: pathlib.Path) -> dict:
+    """The metadata of a finished output, without its embeddings."""
+    if path.suffix == ".npy":
+        side = path.with_name(path.name + ".json")
+        if not side.is_file():
+            raise ValueError(f"{path} has no {side.name} (its row -> key map): cannot resume from it")
+        return json.loads(side.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
 
 
 def _check_same_job(what, meta: dict, identity: dict) -> None:
@@ -269,47 +418,52 @@ def _check_same_job(what, meta: dict, identity: dict) -> None:
         raise ValueError(f"{what} was written with other checkpoint files (model {meta.get('model')!r}; "
                          f"now {identity['model']!r}, whose config, tokenizer or weights differ: fingerprint "
                          f"{str(meta.get('fingerprint'))[:12]} != {identity['fingerprint'][:12]}); its embeddings "
-                         "would not match new ones: delete it or run without --resume")
+                         "would not match new ones: pass --overwrite (overwrite=True) to replace it")
+    if meta.get("inputs") != identity.get("inputs"):
+        raise ValueError(f"{what} is a torchrun shard of another list of inputs: shards are resumed only over the "
+                         "same inputs (others would move rows between shards); pass --overwrite or a new --out")
     for key, value in identity.items():
         if meta.get(key) != value:
             raise ValueError(f"{what} was written with another {key} ({meta.get(key)!r}, now {value!r}): "
-                             "its embeddings would not match new ones; delete it or run without --resume")
+                             "its embeddings would not match new ones; pass --overwrite (overwrite=True) to "
+                             "replace it")
 
 
 class _Partial:
     """`<out>.partial/`: the work of an unfinished run, one safetensors file per batch (each
-    written once, atomically: a run of N images writes O(N) bytes however often it stops)."""
+    written once, atomically: a run of N items writes O(N) bytes however often it stops)."""
 
-    def __init__(self, out: pathlib.Path, identity: dict):
+    def __init__(self, out: pathlib.Path, identity: dict, field: str = "paths"):
         self.folder = out.with_name(out.name + ".partial")
         self.identity = identity
+        self.field = field
         self.count = 0
 
     def chunks(self):
         return sorted(self.folder.glob("[0-9]*.safetensors"))
 
     def load(self):
-        """(embedding chunks, done paths, failures) saved by an earlier run of the same job."""
+        """(embedding chunks, done keys, failures) saved by an earlier run of the same job."""
         _check_same_job(str(self.folder), json.loads((self.folder / "job.json").read_text()), self.identity)
         files, chunks, done, failed = self.chunks(), [], [], []
         for path in files:
-            emb, meta = _read_output(path)
-            if len(meta["paths"]):
+            emb, meta = _read_output(path, self.field)
+            if len(meta[self.field]):
                 chunks.append(emb)
-            done += meta["paths"]
+            done += meta[self.field]
             failed += [tuple(x) for x in meta["failed"]]
         self.count = len(files)
         return chunks, done, failed
 
     def start(self):
-        """A fresh partial folder (an old one of an earlier, un-resumed run is removed)."""
+        """A fresh partial folder (an old one is removed)."""
         self.remove()
         self.folder.mkdir()
         (self.folder / "job.json").write_text(json.dumps(self.identity))
 
-    def add(self, embeddings, paths, failed):
+    def add(self, embeddings, keys, failed):
         emb = embeddings if embeddings is not None else torch.zeros(0, 0)
-        _save_safetensors(self.folder / f"{self.count:08d}.safetensors", emb, {"paths": paths, "failed": failed})
+        _save_safetensors(self.folder / f"{self.count:08d}.safetensors", emb, {self.field: keys, "failed": failed})
         self.count += 1
 
     def exists(self) -> bool:
@@ -323,64 +477,300 @@ class _Partial:
             shutil.rmtree(self.folder, ignore_errors=True)  # leftovers: .tmp files of a killed write
 
 
-def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = False, progress: bool = True,
-                processor=None, max_num_patches=None) -> dict:
-    """Embed every image of `inputs` into `out` (.safetensors or .npy + .npy.json): L2-normalized
-    float32 rows, in the order of the "paths" the metadata lists (file order for one run).
+def _run_job(out, identity, keys, encode, *, field, unit, resume, overwrite, progress, skipped=(),
+             allow_empty=False) -> dict:
+    """The resumable, atomic job behind embed_files and embed_texts.
 
-    The work done so far is kept in `<out>.partial/` after every batch, so `resume=True`
-    continues an interrupted run; `out` itself is written once, atomically, at the end. With
-    `resume=True` and a finished `out`, only files not in it are embedded (and appended). A
-    partial or output of another checkpoint (fingerprint of its files), dtype or image
-    settings is refused. Unreadable files are skipped and listed (returned, and stored in the
-    metadata). Returns {"count", "paths", "failed", "new"}; progress goes to stderr.
-    """
-    _check_batch_size(batch_size)
+    keys: every input's key, in input order; encode(todo) -> iterator of (embeddings [n, D] on
+    the CPU or None, the n keys embedded, [(key, error)] of the ones that failed), batch after
+    batch over the input positions `todo`. skipped: (key, reason) left out before encoding.
+    allow_empty (a file of sharded output): no rows is an empty output, not an error."""
     out = pathlib.Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
-    files = list_images(inputs)
-    if not files:
-        raise ValueError(f"no image files found in {', '.join(map(str, _as_list(inputs)))}")
-    proc = _processor(model, processor)
-    identity = _job_identity(model, proc, max_num_patches)
-    partial = _Partial(out, identity)
+    if resume and overwrite:
+        raise ValueError("pass --resume (continue or extend the output) or --overwrite (start over), not both")
+    partial = _Partial(out, identity, field)
+    if not resume and not overwrite:
+        if partial.exists():
+            raise ValueError(f"{partial.folder} holds the work of an unfinished run: pass --resume (resume=True) to "
+                             "continue it, or --overwrite (overwrite=True) to start over")
+        if out.exists():
+            raise ValueError(f"{out} exists: pass --resume (resume=True) to embed only what it lacks, or --overwrite "
+                             "(overwrite=True) to replace it")
     chunks, done, failed = [], [], []
     resuming = resume and partial.exists()
     from_output = resume and not resuming and out.exists()
     if resuming:
         chunks, done, failed = partial.load()
-    elif from_output:  # a finished run: embed only the files added since
-        emb, meta = _read_output(out)
+    elif from_output:  # a finished run: embed only the inputs added since
+        meta = _read_meta(out)
         _check_same_job(str(out), meta, identity)
-        chunks, done, failed = [emb], list(meta["paths"]), [tuple(x) for x in meta["failed"]]
-    seen = set(done) | {p for p, _ in failed}
-    todo = [f for f in files if f not in seen]
+        known = set(meta.get(field, ())) | {k for k, _ in meta.get("failed", ())}
+        if all(k in known for k in keys):  # nothing new: the embeddings need not be read
+            failed = list(dict.fromkeys([*map(tuple, meta["failed"]), *map(tuple, skipped)]))
+            return {"count": len(meta[field]), field: list(meta[field]), "failed": failed, "new": 0}
+        emb, meta = _read_output(out, field)
+        chunks, done, failed = [emb], list(meta[field]), [tuple(x) for x in meta["failed"]]
+    seen = set(done) | {k for k, _ in failed}
+    todo = [i for i, k in enumerate(keys) if k not in seen]
     if not resuming and todo:
         partial.start()
         if from_output:
             partial.add(chunks[0], done, failed)
     start, total, new = time.perf_counter(), len(done) + len(failed) + len(todo), 0
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i:i + batch_size]
-        emb, indices, batch_failures = _encode_image_batch(model, proc, batch, max_num_patches, skip_errors=True)
-        paths, bad = [batch[j] for j in indices], [(str(p), err) for p, err in batch_failures]
+    for emb, batch_keys, bad in encode(todo) if todo else ():
         if emb is not None:
-            emb = emb.cpu()
             chunks.append(emb)
-        partial.add(emb, paths, bad)
-        done, failed, new = done + paths, failed + bad, new + len(batch)
+        partial.add(emb, batch_keys, bad)
+        done, failed, new = done + batch_keys, failed + bad, new + len(batch_keys) + len(bad)
         if progress:
             rate = new / (time.perf_counter() - start)
-            print(f"\r{len(done) + len(failed)}/{total} images  {rate:.1f} images/s", end="", file=sys.stderr,
+            print(f"\r{len(done) + len(failed)}/{total} {unit}  {rate:.1f} {unit}/s", end="", file=sys.stderr,
                   flush=True)
     if progress and todo:
         print(file=sys.stderr)
+    failed = list(dict.fromkeys([*failed, *map(tuple, skipped)]))
+    if not chunks and allow_empty:
+        chunks = [torch.zeros(0, 0)]
     if not chunks:
         partial.remove()
-        raise ValueError(f"none of the {total} files could be read; first error: {failed[0][1] if failed else '?'}")
-    if todo or not out.exists():
-        meta = dict(identity, paths=done, failed=failed)
+        raise ValueError(f"none of the {total} {unit} could be read; first error: {failed[0][1] if failed else '?'}")
+    if todo or overwrite or not out.exists():
+        meta = dict(identity, failed=failed, **{field: done})
         (_save_safetensors if out.suffix == ".safetensors" else _save_npy)(out, torch.cat(chunks), meta)
     partial.remove()
-    return {"count": len(done), "paths": done, "failed": failed, "new": len(todo)}
+    return {"count": len(done), field: done, "failed": failed, "new": len(todo)}
+
+
+def shard_path(out, rank: int, world_size: int) -> pathlib.Path:
+    """Rank `rank`'s output under torchrun: emb.safetensors -> emb-00001-of-00004.safetensors."""
+    out = pathlib.Path(out)
+    return out.with_name(f"{out.stem}-{rank:05d}-of-{world_size:05d}{out.suffix}")
+
+
+def index_path(out) -> pathlib.Path:
+    """The index rank 0 writes under torchrun: emb.safetensors -> emb.safetensors.index.json."""
+    out = pathlib.Path(out)
+    return out.with_name(out.name + ".index.json")
+
+
+def _check_shard_size(shard_size):
+    if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
+        raise ValueError(f"shard_size must be a positive integer (inputs per output file), got {shard_size!r}")
+    return shard_size
+
+
+def _world(rank, world_size) -> tuple[int, int]:
+    """(rank, world size): as given, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0")) if world_size > 1 else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    return rank, world_size
+
+
+def _process_group():
+    """(torch.distributed, whether started here): the default process group, started from
+    torchrun's environment when there is none yet (gloo: a few small messages, whatever the
+    model's device); (None, False) without a torchrun environment."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, False
+    if "MASTER_ADDR" not in os.environ or not dist.is_available():
+        return None, False
+    # The ranks meet only at the end, so the fastest waits for the slowest: a long timeout.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist, True
+
+
+def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, resume, overwrite, progress,
+                 skipped=(), shard_size=None) -> dict:
+    """_run_job for one process writing one file, else for rank `rank` of `world_size` and/or in
+    files of at most `shard_size` inputs.
+
+    Files: without shard_size, rank r's contiguous share keys[N r / W : N (r + 1) / W] into
+    shard_path(out, r, W); with it, input groups [k S, (k + 1) S) into shard_path(out, k, G), G
+    groups, rank r doing groups [G r / W, G (r + 1) / W) (so the files do not depend on the number
+    of processes). Each file has its own `.partial/` and resume. When every rank is done (a gather
+    over torchrun's process group) rank 0 writes index_path(out): {"rows", "files": [{"file",
+    "rows", "failed"}], "failed"}. The files in index order, concatenated, are the single-file
+    output (same keys, same order). Unlike a single file, sharded output is resumed only over the
+    same inputs (identity "inputs") and the same split (identity "share")."""
+    if world_size == 1 and not shard_size:
+        return _run_job(out, identity, keys, encode, field=field, unit=unit, resume=resume, overwrite=overwrite,
+                        progress=progress, skipped=skipped)
+    out = pathlib.Path(out)
+    if out.suffix not in (".safetensors", ".npy"):
+        raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
+    n = len(keys)
+    if shard_size:
+        count = -(-n // shard_size)
+        files = [(shard_path(out, k, count), k * shard_size, min((k + 1) * shard_size, n))
+                 for k in range(count * rank // world_size, count * (rank + 1) // world_size)]
+    else:
+        files = [(shard_path(out, rank, world_size), n * rank // world_size, n * (rank + 1) // world_size)]
+    # The splits depend on the whole input list: a file is resumed only with the same inputs and
+    # split (added or removed inputs would move others between files: lost or embedded twice).
+    identity = dict(identity, inputs=hashlib.sha256(json.dumps(keys).encode()).hexdigest())
+    reports, outcome = [], {"files": []}
+    try:
+        for i, (path, lo, hi) in enumerate(files):
+            report = _run_job(path, dict(identity, share=[lo, hi]), keys[lo:hi],
+                              lambda todo, lo=lo: encode([lo + j for j in todo]), field=field, unit=unit,
+                              resume=resume, overwrite=overwrite, progress=progress and rank == 0,
+                              allow_empty=True)
+            reports.append(report)
+            outcome["files"].append({"file": path.name, "rows": report["count"], "failed": report["failed"]})
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        outcome = {"error": str(e)}
+    group, started = (None, False) if world_size == 1 else _process_group()
+    if group is None and world_size > 1:  # rank and world size given without torchrun: these files, no index
+        outcomes = None
+    elif group is None:
+        outcomes = [outcome]
+    else:
+        if group.get_world_size() != world_size or group.get_rank() != rank:
+            raise ValueError(f"rank {rank} of {world_size} given, but the process group is rank {group.get_rank()} "
+                             f"of {group.get_world_size()}")
+        outcomes = [None] * world_size
+        group.all_gather_object(outcomes, outcome)
+        if started:
+            group.destroy_process_group()
+    errors = [f"rank {r}: {o['error']}" if world_size > 1 else o["error"]
+              for r, o in enumerate(outcomes or [outcome]) if "error" in o]
+    if errors:
+        raise ValueError("; ".join(errors))
+    index = None
+    if rank == 0 and outcomes is not None:
+        entries = [f for o in outcomes for f in o["files"]]
+        content = {"rows": sum(f["rows"] for f in entries), "world_size": world_size, "shard_size": shard_size,
+                   "files": [{"file": f["file"], "rows": f["rows"], "failed": len(f["failed"])} for f in entries],
+                   "failed": [*(x for f in entries for x in f["failed"]), *map(list, skipped)]}
+        index = index_path(out)
+        _atomic_write(index, lambda tmp: tmp.write_text(json.dumps(dict(identity, **content), indent=1)))
+    return {"count": sum(r["count"] for r in reports), field: [k for r in reports for k in r[field]],
+            "failed": [*(x for r in reports for x in r["failed"]), *(map(tuple, skipped) if rank == 0 else ())],
+            "new": sum(r["new"] for r in reports),
+            "shards": [str(path) for path, _, _ in files], "index": str(index) if index else None}
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (its affinity mask, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _encode_pixels(model, codec, batch: dict) -> torch.Tensor:
+    """L2-normalized float32 embeddings [b, D] on the CPU of a compact batch (data.PixelCodec)."""
+    param = next(model.parameters())
+    inputs = codec.to_model(batch, param.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    with torch.inference_mode():
+        emb = model.get_image_features(**inputs)
+    return F.normalize(emb.float(), dim=-1).cpu()
+
+
+def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = False, overwrite: bool = False,
+                progress: bool = True, processor=None, max_num_patches=None, workers: int | None = None,
+                image_column: str = "image", rank: int | None = None, world_size: int | None = None,
+                decode: str = "exact", shard_size: int | None = None) -> dict:
+    """Embed every image of `inputs` into `out` (.safetensors or .npy + .npy.json): L2-normalized
+    float32 rows, in the order of the keys the metadata lists under "paths" (input order for one
+    run). Inputs: folders, image files, file lists, manifests, tar shards (see image_inputs).
+
+    Decoding and resizing run in `workers` DataLoader processes (default: the CPU cores; 0: in
+    this process, one image after the other), batches prefetched while the model encodes, pixels
+    moved between processes as uint8 (data.PixelCodec; the model sees exactly the processor's
+    floats), pinned when the model is on CUDA.
+
+    decode="draft" (FixRes checkpoints): JPEGs are decoded by Pillow's draft mode at the smallest
+    1/2, 1/4 or 1/8 scale still at least the model's size, then resized exactly as usual: faster,
+    and close to but not equal to the exact embeddings (README: measured effect). Part of the
+    job's identity: a run is resumed only with the same mode.
+
+    The work done so far is kept in `<out>.partial/` after every batch, so `resume=True`
+    continues an interrupted run; `out` itself is written once, atomically, at the end. With
+    `resume=True` and a finished `out`, only inputs not in it are embedded (and appended). An
+    existing `out` or partial run without resume=True or overwrite=True is an error (nothing is
+    replaced by accident). A partial or output of another checkpoint (fingerprint of its files),
+    dtype or image settings is refused. Unreadable images are skipped and listed (returned, and
+    stored in the metadata under "failed"). Returns {"count", "paths", "failed", "new"} (sharded:
+    plus "shards", this process's files, and "index"); progress goes to stderr.
+
+    Under torchrun (or with rank / world_size given) each process embeds its contiguous share
+    into its own shard file and rank 0 writes an index; with shard_size, files of at most that
+    many inputs (see _run_sharded). --resume works per file, over the same inputs.
+    """
+    from . import data
+
+    _check_batch_size(batch_size)
+    if workers is None:
+        workers = default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
+    if pathlib.Path(out).suffix not in (".safetensors", ".npy"):
+        raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
+    pairs = image_inputs(inputs, image_column=image_column)
+    proc = _processor(model, processor)
+    if proc.image_processor is None:
+        raise ValueError(f"this checkpoint ({proc.folder}) has no vision tower: nothing to embed images with")
+    if max_num_patches is not None and not proc.image_processor.naflex:
+        raise ValueError(f"max_num_patches is for NaFlex checkpoints; this one is FixRes {proc.image_processor.size}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "draft" and (proc.image_processor.naflex or not proc.image_processor.do_resize):
+        raise ValueError("--decode draft is for FixRes checkpoints that resize (a NaFlex image's size depends on "
+                         "its full resolution); use --decode exact")
+    side = max(proc.image_processor.size)  # square: whatever the EXIF rotation, both sides stay >= the target
+    draft = (side, side) if decode == "draft" else None
+    codec = data.PixelCodec(proc.image_processor, max_num_patches)
+    device = next(model.parameters()).device
+
+    def encode(todo):
+        dataset = data.ImageBatches(pairs, codec, batch_size=batch_size, indices=todo, draft=draft)
+        for batch in data.loader(dataset, range(len(dataset)), workers=workers, pin_memory=device.type == "cuda",
+                                 timeout=WORKER_TIMEOUT_S):
+            emb = _encode_pixels(model, codec, batch) if batch["keys"] else None
+            yield emb, batch["keys"], [(str(k), err) for k, err in batch["bad"]]
+
+    rank, world_size = _world(rank, world_size)
+    return _run_sharded(out, _job_identity(model, proc, max_num_patches, decode=decode), [r.key for r in pairs.records],
+                        encode, rank=rank, world_size=world_size, field="paths", unit="images", resume=resume,
+                        overwrite=overwrite, progress=progress, skipped=pairs.skipped,
+                        shard_size=_check_shard_size(shard_size))
+
+
+def embed_texts(model, source, out, *, column: str = "text", id_column: str | None = None, batch_size: int = 256,
+                resume: bool = False, overwrite: bool = False, progress: bool = True, processor=None,
+                rank: int | None = None, world_size: int | None = None, shard_size: int | None = None) -> dict:
+    """Embed the texts of `source` (.txt: one a line; .jsonl / .csv / .tsv: the `column` column; see
+    read_texts) into `out`, as embed_files does images: L2-normalized float32 rows in the order of
+    the keys listed under "keys" (line or row numbers, or the `id_column` values), resumable
+    (`<out>.partial/`), written atomically, same refusals. Texts are tokenized as encode_texts
+    does: lowercased where the checkpoint does, truncated to the checkpoint's length (EOS kept),
+    padded, no attention mask. Empty lines are kept as empty texts. Returns {"count", "keys",
+    "failed" (always empty), "new"}. Under torchrun: shards and an index, as embed_files."""
+    _check_batch_size(batch_size)
+    keys, texts = read_texts(source, column=column, id_column=id_column)
+    proc = _processor(model, processor)
+    if proc.tokenizer is None or not hasattr(model, "get_text_features"):
+        raise ValueError(f"this model ({type(model).__name__}) has no text tower / tokenizer: embed-text needs one")
+
+    def encode(todo):
+        for i in range(0, len(todo), batch_size):
+            part = todo[i:i + batch_size]
+            emb = encode_texts(model, [texts[j] for j in part], processor=proc, batch_size=len(part)).cpu()
+            yield emb, [keys[j] for j in part], []
+
+    rank, world_size = _world(rank, world_size)
+    return _run_sharded(out, _job_identity(model, proc, None, kind="texts"), keys, encode, rank=rank,
+                        world_size=world_size, field="keys", unit="texts", resume=resume, overwrite=overwrite,
+                        progress=progress, shard_size=_check_shard_size(shard_size))

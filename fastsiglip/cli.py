@@ -1,17 +1,26 @@
-"""The `fastsiglip` command: bench, classify, embed.
+"""The `fastsiglip` command: bench, classify, embed, embed-text, train.
 
-    fastsiglip bench --preset siglip2-base-patch16-224      # random weights, no download
+    fastsiglip bench --preset siglip2-base-patch16-224      # random weights, no download (= bench model)
+    fastsiglip bench kernels [--op attention|mlp|layer_norm|loss] [--plot x.png]   # vs the peers installed
+    fastsiglip bench loss --batch 65536
     fastsiglip classify IMG... --labels cat dog [--model ID] [--json] [--max-num-patches N]
-    fastsiglip embed DIR_OR_FILES... --out emb.safetensors [--model ID] [--batch-size N] [--resume]
+    fastsiglip embed INPUTS... --out emb.safetensors [--model ID] [--batch-size N] [--workers N] [--resume|--overwrite]
+        # INPUTS: images, folders, file lists (.txt), manifests (.csv/.tsv/.jsonl, --image-column), .tar shards
+    fastsiglip embed-text texts.txt|.jsonl|.csv|.tsv --out emb.safetensors [--column text] [--id-column id]
+    torchrun --nproc-per-node N -m fastsiglip embed ... --out emb.safetensors   # N shards + emb.safetensors.index.json
+    fastsiglip train --model ID --train pairs.csv --out runs/a --batch-size 4096 --micro-batch-size 256 --steps 1000
 
 classify exits 0 when every image was classified, 1 when some could not be read (listed on
-stderr), 2 on an error that stopped the job (message on stderr).
+stderr), 2 on an error that stopped the job (message on stderr). embed and embed-text exit 0 when
+the output is complete (unreadable images skipped and listed on stderr), 2 on an error, e.g. an
+existing output without --resume (add what it lacks) or --overwrite (start over).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -67,40 +76,152 @@ def _throughput(fn, batch: int, iters: int, device) -> float:
     return batch * iters / (time.perf_counter() - start)
 
 
-def cmd_bench(args) -> int:
+def _bench_model(args, device, dtype):
+    """(model, config, label) for `bench model`: a checkpoint, or a preset with random weights."""
     from . import config as config_lib
     from .model import build
 
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
     if args.model:
         from .loading import load
 
         model = load(args.model, device=device, dtype=dtype)
-        cfg = model.config
-    else:
-        cfg = config_lib.preset(args.preset)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = build(cfg)
-        model = model.to(dtype).eval()
+        return model, model.config, args.model
+    cfg = config_lib.preset(args.preset)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build(cfg)
+    return model.to(dtype).eval(), cfg, args.preset
+
+
+def cmd_bench(args) -> int:
+    """`fastsiglip bench [model] ...`: image and text encoding throughput of one model."""
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    model, cfg, name = _bench_model(args, device, dtype)
     batch = args.batch_size or (256 if device.type == "cuda" else 8)
-    print(f"{args.model or args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{device}, {dtype}, batch {batch}", flush=True)
+    path = "" if device.type == "cuda" else " (CPU: the reference path, not the Triton kernels)"
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{device}, {dtype}, batch {batch}{path}", flush=True)
+    runs = {"fastsiglip": model}
+    if args.compile:
+        runs["fastsiglip + torch.compile"] = torch.compile(model)
     with torch.inference_mode():
         images = _random_image_inputs(cfg, batch, device, dtype)
         ids = torch.randint(0, cfg.text.vocab_size, (batch, cfg.text.max_position_embeddings), device=device)
-        img_s = _throughput(lambda: model.get_image_features(**images), batch, args.iters, device)
-        txt_s = _throughput(lambda: model.get_text_features(input_ids=ids), batch, args.iters, device)
-    print(f"image encoding: {img_s:10.1f} images/s")
-    print(f"text encoding:  {txt_s:10.1f} texts/s")
+        for label, m in runs.items():
+            img_s = _throughput(lambda: m.get_image_features(**images), batch, args.iters, device)
+            txt_s = _throughput(lambda: m.get_text_features(input_ids=ids), batch, args.iters, device)
+            suffix = "" if label == "fastsiglip" else f" [{label}]"
+            print(f"image encoding: {img_s:10.1f} images/s{suffix}")
+            print(f"text encoding:  {txt_s:10.1f} texts/s{suffix}")
+    if args.plot or args.compare:
+        from . import benchmarks
+
+        sizes = (args.plot_batches or ([32, 64, 128, 256] if device.type == "cuda" else [1, 2, 4, 8])) \
+            if args.plot else [batch]
+        rows = benchmarks.model_sweep(model, cfg, sizes, device, dtype, _random_image_inputs, compile=args.compile,
+                                      iters=args.iters)
+        print(benchmarks.table(rows, value="items_per_s"))
+        if args.plot:
+            benchmarks.plot(rows, args.plot, f"{name} image encoding, {device}, {str(dtype).removeprefix('torch.')}"
+                            + path, y="items_per_s")
+            print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_bench_kernels(args) -> int:
+    """`fastsiglip bench kernels|loss`: each op against the implementations found installed."""
+    from . import benchmarks
+
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    ops = [args.op] if getattr(args, "op", None) else list(benchmarks.OPS)
+    if args.command_bench == "loss":
+        ops = ["loss"]
+    if device.type != "cuda":
+        print("no CUDA device: timing the reference path on the CPU (not the Triton kernels), small shapes")
+    ceilings = benchmarks.measure_ceilings(dtype, device)
+    print(f"ceilings: {ceilings['matmul_tflops']:.3g} TFLOP/s matmul, {ceilings['copy_gbps']:.3g} GB/s copy "
+          f"({device}, {str(dtype).removeprefix('torch.')})")
+    rows = []
+    for op in ops:
+        got = benchmarks.measure(op, device, dtype, backward=not args.forward_only, only=args.impl,
+                                 batch=getattr(args, "batch", None), ceilings=ceilings,
+                                 rep=args.rep, log=(lambda *_: None) if args.quiet else print)
+        print(f"\n{op} ({'fwd' if args.forward_only else 'fwd+bwd'}, {str(dtype).removeprefix('torch.')}):")
+        print(benchmarks.table(got))
+        rows += got
+    if args.json:
+        import pathlib
+
+        pathlib.Path(args.json).write_text(json.dumps({"device": str(device), "ceilings": ceilings, "rows": rows},
+                                                      indent=1))
+    if args.plot:
+        where = str(device) if device.type == "cuda" else "cpu, reference path"
+        benchmarks.plot(rows, args.plot, f"{', '.join(ops)}: time per {'forward' if args.forward_only else 'training step'}"
+                        f" ({where}, {str(dtype).removeprefix('torch.')})")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+BENCH_COMMANDS = ("model", "kernels", "loss")
+
+
+def _bench_argv(argv):
+    """`fastsiglip bench --preset ...` (no subcommand) keeps meaning `fastsiglip bench model ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCH_COMMANDS, "-h", "--help")):
+        argv.insert(1, "model")
+    return argv
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: model (encoding throughput; the default), kernels, loss",
+                           description="fastsiglip bench [model] --preset NAME | bench kernels [--op OP] | "
+                           "bench loss --batch N. Without a subcommand: model.")
+    kinds = bench.add_subparsers(dest="command_bench", required=True)
+
+    def common(p, dtype_help):
+        p.add_argument("--device", help="default: cuda if available, else cpu")
+        p.add_argument("--dtype", help=dtype_help)
+        p.add_argument("--plot", metavar="FILE.png", help="draw the results (needs matplotlib: "
+                       "pip install 'fastsiglip[plot]')")
+
+    model = kinds.add_parser("model", help="image and text encoding throughput of one model")
+    model.add_argument("--preset", default="siglip2-base-patch16-224", help="architecture, random weights (default: %(default)s)")
+    model.add_argument("--model", help="a checkpoint (hub id or folder) instead of a preset")
+    model.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 8 on a CPU")
+    model.add_argument("--iters", type=int, default=3)
+    model.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
+    model.add_argument("--compare", action="store_true", help="also time transformers' model with the same "
+                       "weights (when installed) and print the ratios")
+    model.add_argument("--plot-batches", type=int, nargs="+", help="batch sizes of the --plot sweep "
+                       "(default: 32 64 128 256 on a GPU, 1 2 4 8 on a CPU)")
+    common(model, "default: bfloat16 on a GPU, float32 on a CPU")
+    model.set_defaults(func=cmd_bench)
+
+    for kind in ("kernels", "loss"):
+        p = kinds.add_parser(kind, help="each kernel against eager, torch.compile and the peers installed"
+                             if kind == "kernels" else "the sigmoid loss against its peers (forward + backward)")
+        if kind == "kernels":
+            p.add_argument("--op", choices=["attention", "mlp", "layer_norm", "loss"], help="default: all")
+        else:
+            p.add_argument("--batch", type=int, help="the batch size B (default: 4096 16384 65536 on a GPU)")
+        p.add_argument("--impl", nargs="+", help="only these implementations (e.g. fastsiglip eager)")
+        p.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+        p.add_argument("--rep", type=int, default=50, help="timing repetitions (default: %(default)s)")
+        p.add_argument("--json", help="write the rows to this file")
+        p.add_argument("--quiet", action="store_true", help="only the tables")
+        common(p, "default: bfloat16 on a GPU, float32 on a CPU")
+        p.set_defaults(func=cmd_bench_kernels)
 
 
 def _load_for_job(args):
     from .loading import load
 
     device = _device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU a process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return load(args.model, device=device, dtype=None if args.dtype is None else _dtype(args.dtype, device))
 
 
@@ -133,15 +254,93 @@ def cmd_embed(args) -> int:
 
     model = _load_for_job(args)
     report = embed_files(model, args.inputs, args.out, batch_size=args.batch_size, resume=args.resume,
-                         progress=not args.quiet, max_num_patches=args.max_num_patches)
-    for path, error in report["failed"]:
-        print(f"skipped {path}: {error}", file=sys.stderr)
+                         overwrite=args.overwrite, progress=not args.quiet, max_num_patches=args.max_num_patches,
+                         workers=args.workers, image_column=args.image_column, decode=args.decode,
+                         shard_size=args.shard_size)
+    return _embed_report(args, report, "files")
+
+
+def _embed_report(args, report, what) -> int:
+    for key, error in report["failed"]:
+        print(f"skipped {key}: {error}", file=sys.stderr)
     skipped = f" ({len(report['failed'])} skipped)" if report["failed"] else ""
+    shards = report.get("shards") or [args.out]  # torchrun / --shard-size: this rank's files
+    target = shards[0] if len(shards) == 1 else f"{len(shards)} files ({shards[0]} .. {shards[-1]})"
+    if report.get("index"):
+        target += f", index {report['index']}"
     if report["new"] == 0:
-        print(f"{args.out} is complete: {report['count']} embeddings, no new files{skipped}")
+        print(f"{target} is complete: {report['count']} embeddings, no new {what}{skipped}")
     else:
-        print(f"wrote {report['count']} embeddings to {args.out}{skipped}")
+        print(f"wrote {report['count']} embeddings to {target}{skipped}")
     return 0
+
+
+def cmd_embed_text(args) -> int:
+    from .api import embed_texts
+
+    model = _load_for_job(args)
+    report = embed_texts(model, args.input, args.out, column=args.column, id_column=args.id_column,
+                         batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.quiet, shard_size=args.shard_size)
+    return _embed_report(args, report, "texts")
+
+
+def cmd_train(args) -> int:
+    """Exit status 0: trained to --steps and exported; 128 + signal number: stopped by SIGTERM /
+    SIGINT after saving a resume checkpoint; 2: an error stopped the job."""
+    from .train import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "quiet")}
+    result = finetune(args.model, progress=not args.quiet, **options)
+    if result["interrupted"]:
+        return 128 + result["signal"]
+    if result["final"] is not None:  # rank 0 (under torchrun the other ranks write nothing)
+        print(f"trained {result['step']} steps; final model in {result['final']}")
+    return 0
+
+
+def _train_parser(sub) -> None:
+    train = sub.add_parser("train", help="contrastive fine-tuning on image-text pairs (exact large batches, "
+                           "torchrun for several GPUs)", description="Contrastive fine-tuning with the sigmoid loss. "
+                           "Several GPUs or machines: torchrun --nproc-per-node N -m fastsiglip train ...")
+    train.add_argument("--model", required=True, help="hub id or checkpoint folder to start from")
+    train.add_argument("--train", required=True, help="manifest (.csv, .tsv, .jsonl with image and text columns), "
+                       "a folder of WebDataset .tar shards, or a brace pattern such as shards/train-{000..099}.tar")
+    train.add_argument("--val", help="validation pairs, same formats: recall@1/5/10 both ways")
+    train.add_argument("--out", required=True, help="output folder: metrics.jsonl, checkpoints/, final/")
+    train.add_argument("--batch-size", type=int, required=True, help="global batch (all processes together)")
+    train.add_argument("--micro-batch-size", type=int, help="pairs one process encodes at once (default: batch / "
+                       "processes); the step stays exact")
+    train.add_argument("--steps", type=int, required=True)
+    train.add_argument("--lr", type=float, default=1e-5)
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
+    train.add_argument("--save-every", type=int, default=0, help="resume checkpoint every N steps (always at the "
+                       "end and on SIGTERM / SIGINT)")
+    train.add_argument("--keep-last", type=int, default=2)
+    train.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at step 0 and at "
+                       "the end with --val or --zero-shot)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--lock-image", action="store_true", help="freeze the vision tower (LiT)")
+    train.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    train.add_argument("--freeze-logit-scale", action="store_true", help="keep logit_scale and logit_bias fixed")
+    train.add_argument("--grad-checkpointing", action="store_true", help="recompute each encoder layer in backward")
+    train.add_argument("--zero-shot", help="folder with one subfolder of images per class: top-1 accuracy")
+    train.add_argument("--max-num-patches", type=int, help="NaFlex checkpoints: patch budget per image")
+    train.add_argument("--image-column", default="image")
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more than this fraction "
+                       "of the images read could not be read (default: %(default)s)")
+    train.add_argument("--eval-batch-size", type=int, default=256)
+    train.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    train.add_argument("--device", help="default: cuda (this process's LOCAL_RANK) if available, else cpu")
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+    train.set_defaults(func=cmd_train)
 
 
 def _job_options(parser) -> None:
@@ -153,18 +352,22 @@ def _job_options(parser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as the checkpoint stores it)")
 
 
+def _output_options(parser, what) -> None:
+    parser.add_argument("--out", required=True, help="output file: .safetensors or .npy (+ .npy.json)")
+    parser.add_argument("--resume", action="store_true", help=f"continue an interrupted run, or add new {what} "
+                        "to a finished output (same checkpoint and settings only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output (or the unfinished "
+                        "run in OUT.partial/); without --resume or --overwrite an existing one is an error")
+    parser.add_argument("--shard-size", type=int, help="write files of at most N inputs (OUT_STEM-KKKKK-of-NNNNN) "
+                        "plus OUT.index.json, instead of one file; resumed only over the same inputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsiglip", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bench = sub.add_parser("bench", help="image and text encoding throughput")
-    bench.add_argument("--preset", default="siglip2-base-patch16-224", help="architecture, random weights (default: %(default)s)")
-    bench.add_argument("--model", help="a checkpoint (hub id or folder) instead of a preset")
-    bench.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 8 on a CPU")
-    bench.add_argument("--iters", type=int, default=3)
-    bench.add_argument("--device", help="default: cuda if available, else cpu")
-    bench.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on a CPU")
-    bench.set_defaults(func=cmd_bench)
+    _bench_parser(sub)
 
     classify = sub.add_parser("classify", help="zero-shot classification of images")
     classify.add_argument("images", nargs="+")
@@ -175,20 +378,41 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(classify)
     classify.set_defaults(func=cmd_classify)
 
-    embed = sub.add_parser("embed", help="L2-normalized image embeddings of files or folders")
-    embed.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    embed.add_argument("--out", required=True, help="output file: .safetensors or .npy (+ .npy.json)")
-    embed.add_argument("--resume", action="store_true", help="continue an interrupted run, or add new files "
-                       "to a finished output (same checkpoint and settings only)")
-    embed.add_argument("--quiet", action="store_true", help="no progress line")
+    embed = sub.add_parser("embed", help="L2-normalized image embeddings of files, folders, lists, manifests, "
+                           "tar shards")
+    embed.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), file lists (.txt, "
+                       "one path a line), manifests (.csv/.tsv/.jsonl with an image column), WebDataset .tar "
+                       "shards or brace patterns (shards/x-{000..009}.tar)")
+    embed.add_argument("--workers", type=int, help="decoding processes (default: the CPU cores; 0: decode in "
+                       "the main process, one image at a time)")
+    embed.add_argument("--decode", choices=("exact", "draft"), default="exact", help="draft: JPEGs decoded at a "
+                       "reduced scale (Pillow draft mode) before the exact resize; faster, embeddings close but not "
+                       "equal (FixRes checkpoints; see README)")
+    embed.add_argument("--image-column", default="image", help="manifests: the column of image paths "
+                       "(default: %(default)s)")
+    _output_options(embed, "files")
     _job_options(embed)
     embed.set_defaults(func=cmd_embed)
+
+    embed_text = sub.add_parser("embed-text", help="L2-normalized text embeddings of a .txt (one text a line), "
+                                ".jsonl, .csv or .tsv file")
+    embed_text.add_argument("input", help=".txt: one text a line (empty lines kept as empty texts; key: the line "
+                            "number); .jsonl/.csv/.tsv: the --column column (key: the row number or --id-column)")
+    embed_text.add_argument("--column", default="text", help="jsonl/csv/tsv: the column of texts (default: "
+                            "%(default)s)")
+    embed_text.add_argument("--id-column", help="jsonl/csv/tsv: a column of unique keys for the rows (default: "
+                            "the line / row number)")
+    _output_options(embed_text, "texts")
+    _job_options(embed_text)
+    embed_text.set_defaults(func=cmd_embed_text, batch_size=256)
+
+    _train_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for option in ("batch_size", "max_num_patches"):
+    args = build_parser().parse_args(_bench_argv(argv))
+    for option in ("batch_size", "max_num_patches", "batch", "shard_size"):
         if getattr(args, option, None) is not None and getattr(args, option) < 1:
             print(f"fastsiglip {args.command}: error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2

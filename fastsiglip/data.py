@@ -104,6 +104,7 @@ class Pairs:
         self.groups = groups  # the order shuffles inside each group and shuffles the groups
         self.source = source
         self.text_column = text_column
+        self.skipped: list[tuple[str, str]] = []  # (key, why): members left out (index_shards images_only)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -129,8 +130,9 @@ class Pairs:
         epoch, i = divmod(position, len(self.records))
         return int(self.order(seed, epoch)[i])
 
-    def read(self, index: int) -> tuple[str, Image.Image, str]:
-        """(key, upright RGB image, caption); ImageLoadError (naming the pair) when unreadable."""
+    def read(self, index: int, *, draft: tuple[int, int] | None = None) -> tuple[str, Image.Image, str]:
+        """(key, upright RGB image, caption); ImageLoadError (naming the pair) when unreadable.
+        draft: JPEG draft-mode decoding at least this (width, height) (processing.load_image)."""
         rec = self.records[index]
         text = rec.text if isinstance(rec.text, str) else self._caption(rec.text, rec.key)
         if isinstance(rec.image, TarMember):
@@ -140,11 +142,11 @@ class Pairs:
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise ImageLoadError(f"cannot read image {rec.key} in {rec.image.shard}: {e}") from e
             try:
-                image = load_image(image)
+                image = load_image(image, draft=draft)
             except ImageLoadError as e:
                 raise ImageLoadError(f"cannot read image {rec.key} in {rec.image.shard}: {e}") from e
         else:
-            image = load_image(rec.image)
+            image = load_image(rec.image, draft=draft)
         return rec.key, image, text
 
     def _caption(self, member: TarMember, key: str) -> str:
@@ -214,7 +216,8 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for item in items for x in expand_braces(head + item + tail)]
 
 
-def read_manifest(path, *, image_column: str = "image", text_column: str = "text") -> Pairs:
+def read_manifest(path, *, image_column: str = "image", text_column: str | None = "text") -> Pairs:
+    """text_column None: images only (`fastsiglip embed`), every caption ""."""
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     try:
@@ -230,13 +233,13 @@ def read_manifest(path, *, image_column: str = "image", text_column: str = "text
     if not rows:
         raise DataError(f"manifest {path} has no rows")
     for role, column, option in (("image", image_column, "--image-column"), ("text", text_column, "--text-column")):
-        if column not in columns:
+        if column is not None and column not in columns:
             raise DataError(f"manifest {path} has no {role} column {column!r} (its columns: "
                             f"{', '.join(sorted(map(str, columns)))}); name it with {option}")
     folder = path.parent.resolve()
     records = []
     for i, row in enumerate(rows):
-        image, text = row.get(image_column), row.get(text_column)
+        image, text = row.get(image_column), row.get(text_column) if text_column is not None else ""
         if not isinstance(row, dict) or not isinstance(image, str) or not image or text is None:
             raise DataError(f"manifest {path}, row {i + 1}: needs a non-empty {image_column!r} and a {text_column!r}")
         file = pathlib.Path(image).expanduser()
@@ -244,9 +247,13 @@ def read_manifest(path, *, image_column: str = "image", text_column: str = "text
     return Pairs(records, [range(len(records))], str(path), text_column)
 
 
-def index_shards(shards: list[str], *, text_column: str = "text", source: str | None = None) -> Pairs:
-    """Index WebDataset-style shards: read every member header (not the data) once."""
-    records, groups = [], []
+def index_shards(shards: list[str], *, text_column: str = "text", source: str | None = None,
+                 images_only: bool = False) -> Pairs:
+    """Index WebDataset-style shards: read every member header (not the data) once.
+
+    images_only (`fastsiglip embed`): every image is a record (caption ""), and the keys that
+    have members but no image are listed in the result's `skipped`."""
+    records, groups, skipped = [], [], []
     for shard in shards:
         images, captions = {}, {}
         try:
@@ -267,10 +274,17 @@ def index_shards(shards: list[str], *, text_column: str = "text", source: str | 
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"cannot index shard {shard} ({e}); only uncompressed .tar shards are read") from e
         start = len(records)
-        records += [Record(key, images[key], captions[key]) for key in images if key in captions]
+        if images_only:
+            records += [Record(key, images[key], "") for key in images]
+            skipped += [(key, f"{shard}: no image member (<key>.jpg|jpeg|png|webp)") for key in captions
+                        if key not in images]
+        else:
+            records += [Record(key, images[key], captions[key]) for key in images if key in captions]
         if len(records) > start:
             groups.append(range(start, len(records)))
-    return Pairs(records, groups, source or ", ".join(shards), text_column)
+    pairs = Pairs(records, groups, source or ", ".join(shards), text_column)
+    pairs.skipped = skipped
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +452,36 @@ class EvalBatches(torch.utils.data.Dataset):
         return batch
 
 
+class ImageBatches(torch.utils.data.Dataset):
+    """Item i -> the images of records indices[i b : (i + 1) b] of `pairs` (captions unused) as one
+    compact batch {"pixels", [NaFlex: "pixel_attention_mask", "spatial_shapes"], "keys", "bad"}:
+    unreadable images are left out and listed in `bad` as (key, error); no "pixels" when none
+    could be read. For `fastsiglip embed` (each image decoded once, in file order). draft: see
+    Pairs.read."""
+
+    def __init__(self, pairs: Pairs, codec: PixelCodec, *, batch_size: int, indices: list[int] | None = None,
+                 draft: tuple[int, int] | None = None):
+        self.pairs, self.codec, self.batch_size, self.draft = pairs, codec, batch_size, draft
+        self.indices = list(range(len(pairs))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        keys, arrays, bad = [], [], []
+        for index in self.indices[i * self.batch_size:(i + 1) * self.batch_size]:
+            try:
+                key, image, _ = self.pairs.read(index, draft=self.draft)
+                arrays.append(self.codec.encode(image))
+            except ImageLoadError as e:
+                bad.append((self.pairs.records[index].key, str(e)))
+                continue
+            keys.append(key)
+        batch = self.codec.collate(arrays) if arrays else {}
+        batch.update(keys=keys, bad=bad)
+        return batch
+
+
 def _identity(x):
     return x
 
@@ -450,12 +494,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def loader(dataset, items, *, workers: int = 0, pin_memory: bool = False):
+def loader(dataset, items, *, workers: int = 0, pin_memory: bool = False, timeout: float = 0):
     """A DataLoader over the given items of `dataset` (each item is already a batch), in order,
-    `workers` processes prefetching, pinned memory for CUDA. Touches no global RNG."""
+    `workers` processes prefetching, pinned memory for CUDA. Touches no global RNG. timeout:
+    seconds to wait for one batch from the workers before raising (0: forever)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=items, num_workers=workers,
                                        pin_memory=pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
-                                       generator=torch.Generator().manual_seed(0),
+                                       generator=torch.Generator().manual_seed(0), timeout=timeout if workers else 0,
                                        persistent_workers=False, prefetch_factor=2 if workers else None)
 
 
@@ -472,5 +517,5 @@ class StepItems:
         return max(0, self.stop - self.start) * self.micro
 
 
-__all__ = ["DataError", "EvalBatches", "Pairs", "PixelCodec", "Record", "TarMember", "TrainBatches",
+__all__ = ["DataError", "EvalBatches", "ImageBatches", "Pairs", "PixelCodec", "Record", "TarMember", "TrainBatches",
            "StepItems", "expand_braces", "index_shards", "loader", "open_pairs", "read_manifest"]

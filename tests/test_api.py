@@ -126,7 +126,7 @@ def test_cli_embed_skips_bad_files(siglip_checkpoint, model, images, tmp_path, s
 def test_cli_embed_interrupted_then_resumed(siglip_checkpoint, model, images, tmp_path, monkeypatch):
     out = tmp_path / "emb.safetensors"
     calls = {"n": 0}
-    real = api._encode_image_batch
+    real = api._encode_pixels
 
     def crash_on_third_batch(*args, **kwargs):
         calls["n"] += 1
@@ -134,15 +134,15 @@ def test_cli_embed_interrupted_then_resumed(siglip_checkpoint, model, images, tm
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of the run
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "_encode_image_batch", crash_on_third_batch)
+    monkeypatch.setattr(api, "_encode_pixels", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         _embed(siglip_checkpoint, images, out, "--batch-size", "2")
     assert not out.exists(), "an interrupted run must leave no output file"
     partial = tmp_path / "emb.safetensors.partial"
     assert len(list(partial.glob("*.safetensors"))) == 2, "one file per finished batch"
-    monkeypatch.setattr(api, "_encode_image_batch", real)
+    monkeypatch.setattr(api, "_encode_pixels", real)
     seen = []
-    monkeypatch.setattr(api, "_encode_image_batch", lambda m, p, batch, *a, **k: seen.extend(batch) or real(m, p, batch, *a, **k))
+    monkeypatch.setattr(api, "_encode_pixels", lambda m, c, batch: seen.extend(batch["keys"]) or real(m, c, batch))
     assert _embed(siglip_checkpoint, images, out, "--batch-size", "2", "--resume") == 0
     assert seen == images[4:], "resume must only do the images not done before the interruption"
     from safetensors.torch import load_file
@@ -377,9 +377,8 @@ def test_cli_embed_resume_with_finished_output(siglip_checkpoint, model, images,
     assert _embed(siglip_checkpoint, images[:3], out) == 0
     before = (out.stat().st_mtime_ns, out.read_bytes())
     # Nothing new: nothing embedded, the file left as it is.
-    real, seen = api._encode_image_batch, []
-    monkeypatch.setattr(api, "_encode_image_batch",
-                        lambda m, p, batch, *a, **k: seen.extend(batch) or real(m, p, batch, *a, **k))
+    real, seen = api._encode_pixels, []
+    monkeypatch.setattr(api, "_encode_pixels", lambda m, c, batch: seen.extend(batch["keys"]) or real(m, c, batch))
     assert _embed(siglip_checkpoint, images[:3], out, "--resume") == 0
     assert seen == [] and "complete" in capsys.readouterr().out
     assert (out.stat().st_mtime_ns, out.read_bytes()) == before
@@ -410,7 +409,7 @@ def test_cli_embed_refuses_work_of_another_checkpoint(siglip_checkpoint, siglip2
 
     folder = shutil.copytree(siglip_checkpoint, tmp_path / "model")
     out = tmp_path / "emb.safetensors"
-    real, calls = api._encode_image_batch, {"n": 0}
+    real, calls = api._encode_pixels, {"n": 0}
 
     def crash_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -418,21 +417,21 @@ def test_cli_embed_refuses_work_of_another_checkpoint(siglip_checkpoint, siglip2
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "_encode_image_batch", crash_on_second_batch)
+    monkeypatch.setattr(api, "_encode_pixels", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _embed(folder, images, out, "--batch-size", "2")
-    monkeypatch.setattr(api, "_encode_image_batch", real)
+    monkeypatch.setattr(api, "_encode_pixels", real)
     partial = tmp_path / "emb.safetensors.partial"
     # The weights change under the same folder name: the name cannot tell, the fingerprint does.
     _change_weights(folder)
     assert _embed(folder, images, out, "--resume") == 2
     assert "weights differ" in capsys.readouterr().err and not out.exists() and partial.is_dir()
     # Finished output of one checkpoint, resumed with another: refused too.
-    assert _embed(folder, images, out) == 0 and not partial.exists()
+    assert _embed(folder, images, out, "--overwrite") == 0 and not partial.exists()
     assert _embed(siglip2_checkpoints["fixres"], images, out, "--resume") == 2
     assert "weights differ" in capsys.readouterr().err
-    # Without --resume the old work is simply replaced.
-    assert _embed(siglip2_checkpoints["fixres"], images, out) == 0
+    # With --overwrite the old work is replaced (without it, or --resume, an existing output is an error).
+    assert _embed(siglip2_checkpoints["fixres"], images, out, "--overwrite") == 0
 
 
 @pytest.mark.parametrize("kind", ["fixres", "naflex"])
