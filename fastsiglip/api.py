@@ -41,13 +41,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .loading import checkpoint_fingerprint
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_TEMPLATE = "This is a photo of {}."
-# A checkpoint's fingerprint reads these files whole when small, else their first and last MiB
-# (the safetensors header and the first and last tensors' data): cheap for a 4 GB model, and any
-# change of weights, config or tokenizer shows up in practice.
-FINGERPRINT_SUFFIXES = (".json", ".model", ".safetensors")
-FINGERPRINT_BYTES = 1 << 20
 # embed: a decoding worker that delivers no batch for this long is taken as stuck (a hung network
 # read, a deadlock): the job stops with an error, its finished batches kept for --resume.
 WORKER_TIMEOUT_S = 600
@@ -316,22 +313,6 @@ def _add_text_row(path, where, row, column, id_column, number, keys, texts):
         raise ValueError(f"{path}, {where}: no value in id column {id_column!r}")
     keys.append(str(row[id_column]) if id_column is not None else number)
     texts.append(row[column])
-
-
-def checkpoint_fingerprint(folder) -> str:
-    """sha256 of a checkpoint folder's config, tokenizer and weight files (see FINGERPRINT_BYTES)."""
-    h = hashlib.sha256()
-    folder = pathlib.Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix in FINGERPRINT_SUFFIXES and p.is_file()
-                   and not p.name.startswith("."))
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(FINGERPRINT_BYTES))
-            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def _job_identity(model, proc, max_num_patches, kind: str = "images", decode: str = "exact") -> dict:

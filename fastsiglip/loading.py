@@ -16,6 +16,7 @@ Never imports transformers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -48,6 +49,11 @@ HUB_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# A checkpoint's fingerprint reads these files whole when small, else their first and last MiB
+# (the safetensors header and the first and last tensors' data): cheap for a 4 GB model, and any
+# change of weights, config or tokenizer shows up in practice.
+FINGERPRINT_SUFFIXES = (".json", ".model", ".safetensors")
+FINGERPRINT_BYTES = 1 << 20
 # The values huggingface_hub reads as "on" for HF_HUB_OFFLINE (constants._is_true).
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
@@ -256,6 +262,23 @@ def weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
         raise FileNotFoundError(f"{index} names {len(missing)} shard(s) that are not in {folder}: "
                                 f"{', '.join(missing)}; the download is incomplete: download the checkpoint again")
     return [folder / s for s in shards]
+
+
+def checkpoint_fingerprint(folder) -> str:
+    """sha256 of a checkpoint folder's config, tokenizer and weight files (see FINGERPRINT_BYTES):
+    what an embedding job or a training run records, to refuse resuming with other weights."""
+    h = hashlib.sha256()
+    folder = pathlib.Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in FINGERPRINT_SUFFIXES and p.is_file()
+                   and not p.name.startswith("."))
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def _open(file: pathlib.Path, device: torch.device):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import data as data_lib
-from ..loading import load
+from ..loading import checkpoint_fingerprint, load
 from ..processing import load_processor
 from . import checkpoint as ckpt
 from .evaluate import retrieval_recall, zero_shot_top1
@@ -269,7 +269,7 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
     model = _model(model, device)
     source = pathlib.Path(model.checkpoint_dir)
     processor = load_processor(source, max_num_patches=max_num_patches)
-    model_id = {"source": str(source), "fingerprint": ckpt.fingerprint(source)}
+    model_id = {"source": str(source), "fingerprint": checkpoint_fingerprint(source)}
 
     # What is trained.
     for p in model.vision_model.parameters():

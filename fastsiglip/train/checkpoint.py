@@ -18,7 +18,6 @@ model.safetensors, so that `fastsiglip.load` and transformers' `from_pretrained`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -28,33 +27,17 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..loading import CONFIG_FILE, HUB_FILES, WEIGHTS_FILE, weight_files
+from ..loading import HUB_FILES, WEIGHTS_FILE
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
-FINGERPRINT_BYTES = 1 << 20  # of each weight file: its first and last MiB (header and tensor data)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class ResumeError(ValueError):
     """--resume cannot continue from what OUT holds; the message says why."""
-
-
-def fingerprint(folder) -> str:
-    """sha256 of a checkpoint's config.json and its weight files' names, sizes and first and
-    last MiB: cheap for a 4 GB model, and different weights show up in practice."""
-    folder = pathlib.Path(folder)
-    h = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
-    for path in weight_files(folder):
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(FINGERPRINT_BYTES))
-            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def _fsync_file(path: pathlib.Path) -> None:
