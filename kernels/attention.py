@@ -217,6 +217,7 @@ def _attn_fwd_kernel(
     num_heads, total_q, max_seqlen_q, qk_scale,
     MAX_Q_BUCKET, MAX_K_BUCKET,  # key the autotuner only (sizes rounded up to 2^k)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
+    STORE_LSE: tl.constexpr,  # False for inference: the LSE is only the backward's
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qt, stride_qh = stride_qt * STRIDE_ALIGN, stride_qh * STRIDE_ALIGN
@@ -260,8 +261,9 @@ def _attn_fwd_kernel(
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh
     _store_rows(o_base, offs_m, stride_ot, m_mask, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
                 HEAD_DIM, D0, D1, HAS_TAIL)
-    lse = m_i + tl.math.log2(l_safe)  # [BM], log2 units; -inf without keys (never read back)
-    tl.store(lse_ptr + h * total_q + q_start + offs_m, lse, mask=m_mask)
+    if STORE_LSE:
+        lse = m_i + tl.math.log2(l_safe)  # [BM], log2 units; -inf without keys (never read back)
+        tl.store(lse_ptr + h * total_q + q_start + offs_m, lse, mask=m_mask)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -488,21 +490,23 @@ def _strides(x):
     return x.stride(0) // STRIDE_ALIGN.value, x.stride(1) // STRIDE_ALIGN.value
 
 
-def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """Packed q [Tq, H, D], k, v [Tk, H, D] -> (o [Tq, H, D], lse [H, Tq] float32, log2 units)."""
+def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, store_lse=True):
+    """Packed q [Tq, H, D], k, v [Tk, H, D] -> (o [Tq, H, D], lse [H, Tq] float32, log2 units).
+    store_lse=False (inference): the LSE is neither allocated nor written; lse comes back empty."""
     q, k, v = _rows(q, max_q), _rows(k, max_k), _rows(v, max_k)
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
     if total_q == 0 or batch == 0 or max_q == 0:  # nothing to launch
         return (q.new_zeros((total_q, heads, head_dim)),
-                torch.full((heads, total_q), float("-inf"), device=q.device, dtype=torch.float32))
+                torch.full((heads, total_q) if store_lse else (0,), float("-inf"), device=q.device,
+                           dtype=torch.float32))
     o = torch.empty((total_q, heads, head_dim), device=q.device, dtype=q.dtype)  # [Tq, H, D]
-    lse = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)  # [H, Tq]
+    lse = torch.empty((heads, total_q) if store_lse else (0,), device=q.device, dtype=torch.float32)  # [H, Tq]
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_q, cu_k, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, total_q, max_q, scale * LOG2E, _bucket(max_q), _bucket(max_k),
-        IEEE=q.dtype == torch.float32, **_head_split(head_dim),
+        IEEE=q.dtype == torch.float32, STORE_LSE=store_lse, **_head_split(head_dim),
     )
     return o, lse
 
@@ -545,12 +549,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
                   return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed q [Tq, H, D], k, v [Tk, H, D] -> (out [Tq, H, D], lse [H, Tq] float32, log2 units).
 
-    The LSE is what the backward needs; without `return_lse` an empty tensor is returned in its
-    place (the forward kernel still writes it to a transient buffer). Differentiable in q, k, v
-    when called with return_lse=True.
+    The LSE is what the backward needs; without `return_lse` (inference) it is neither allocated
+    nor written, and an empty tensor is returned in its place. Differentiable in q, k, v when
+    called with return_lse=True.
     """
-    out, lse = attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    return out, (lse if return_lse else lse.new_empty(0))
+    return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                         store_lse=return_lse)
 
 
 @_attention_op.register_fake

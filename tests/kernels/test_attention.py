@@ -76,6 +76,26 @@ def test_packed_self_attention(fa_rule, dtype, head_dim):
     check(fa_rule, qkv, dtype, cu, cu)
 
 
+def test_inference_forward_writes_no_lse():
+    # store_lse=False (no gradients wanted): the same output, and the LSE neither allocated nor
+    # written (the kernel's STORE_LSE is off); with it, the LSE is log2(sum exp) of each row.
+    kernel_module = importlib.import_module("fastsiglip.kernels.attention")
+    (q, k, v), cu, _ = packed_inputs(LENS, LENS, 2, 64)
+    max_len = max(LENS)
+    scale = 64 ** -0.5
+    o, lse = kernel_module.attention_fwd(q, k, v, cu, cu, max_len, max_len, scale)
+    o_inf, lse_inf = kernel_module.attention_fwd(q, k, v, cu, cu, max_len, max_len, scale,
+                                                  store_lse=False)
+    assert lse.shape == (2, sum(LENS)) and lse_inf.numel() == 0
+    assert torch.equal(o, o_inf)
+    first = slice(0, LENS[1] + LENS[0])  # the first two sequences' queries, head 0
+    seq = torch.tensor([0] * LENS[0] + [1] * LENS[1])
+    s = (q[first, 0] @ k[first, 0].t()).double() * scale  # [n, n]
+    s = s.masked_fill(seq[:, None] != seq[None, :], float("-inf"))
+    torch.testing.assert_close(lse[0, first].double(), torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0)).double(),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("head_dim", [80, 96, 128])
 def test_other_head_dims(fa_rule, head_dim):
     qkv, cu, _ = packed_inputs([7, 33], [7, 33], 1, head_dim)
