@@ -599,7 +599,7 @@ def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, 
     # The splits depend on the whole input list: a file is resumed only with the same inputs and
     # split (added or removed inputs would move others between files: lost or embedded twice).
     identity = dict(identity, inputs=hashlib.sha256(json.dumps(keys).encode()).hexdigest())
-    reports, outcome = [], {"files": []}
+    reports, outcome, failure = [], {"files": []}, None
     try:
         for i, (path, lo, hi) in enumerate(files):
             report = _run_job(path, dict(identity, share=[lo, hi]), keys[lo:hi],
@@ -608,8 +608,9 @@ def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, 
                               allow_empty=True)
             reports.append(report)
             outcome["files"].append({"file": path.name, "rows": report["count"], "failed": report["failed"]})
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        outcome = {"error": str(e)}
+    except Exception as e:  # every rank must reach the gather below, or the others wait for it
+        expected = isinstance(e, (ValueError, FileNotFoundError, RuntimeError))
+        outcome, failure = {"error": str(e) if expected else f"{type(e).__name__}: {e}"}, e
     group, started = (None, False) if world_size == 1 else _process_group()
     if group is None and world_size > 1:  # rank and world size given without torchrun: these files, no index
         outcomes = None
@@ -626,7 +627,7 @@ def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, 
     errors = [f"rank {r}: {o['error']}" if world_size > 1 else o["error"]
               for r, o in enumerate(outcomes or [outcome]) if "error" in o]
     if errors:
-        raise ValueError("; ".join(errors))
+        raise ValueError("; ".join(errors)) from failure
     index = None
     if rank == 0 and outcomes is not None:
         entries = [f for o in outcomes for f in o["files"]]
@@ -752,6 +753,10 @@ def embed_texts(model, source, out, *, column: str = "text", id_column: str | No
             yield emb, [keys[j] for j in part], []
 
     rank, world_size = _world(rank, world_size)
-    return _run_sharded(out, _job_identity(model, proc, None, kind="texts"), keys, encode, rank=rank,
+    # Keys are line or row numbers, so the texts themselves are part of the job: resuming over an
+    # edited file (a line inserted: every later key now names another text) is refused.
+    identity = dict(_job_identity(model, proc, None, kind="texts"),
+                    texts_sha256=hashlib.sha256(json.dumps(texts).encode()).hexdigest())
+    return _run_sharded(out, identity, keys, encode, rank=rank,
                         world_size=world_size, field="keys", unit="texts", resume=resume, overwrite=overwrite,
                         progress=progress, shard_size=_check_shard_size(shard_size))

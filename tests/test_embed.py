@@ -229,6 +229,10 @@ def test_embed_text_interrupted_then_resumed(siglip_checkpoint, model, tmp_path,
     assert meta["keys"] == [str(i) for i in range(1, 8)]
     assert torch.allclose(emb, real(model, texts), atol=1e-6)
     assert _run(siglip_checkpoint, "embed-text", tmp_path / "t.txt", "--out", out) == 2  # exists: --resume/--overwrite
+    # A line inserted: every later line number now names another text, so --resume is refused.
+    (tmp_path / "t.txt").write_text("\n".join(texts[:2] + ["an inserted line"] + texts[2:]))
+    with pytest.raises(ValueError, match="texts_sha256"):
+        api.embed_texts(model, tmp_path / "t.txt", out, resume=True, progress=False)
 
 
 # Loaded by the torchrun processes of the test below (PYTHONPATH): rank 1 dies without any cleanup,

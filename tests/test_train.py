@@ -475,6 +475,41 @@ def test_metrics_keys_and_zero_shot(tiny, shapes, tmp_path):
     assert 0 <= records[3]["zeroshot/top1"] <= 1
 
 
+def test_zero_shot_skips_unreadable_images(tiny, tmp_path):
+    # An unreadable image in the --zero-shot folder is left out of the accuracy (it must not stop
+    # a training run mid-way); a folder with no readable image at all is an error.
+    import contextlib
+
+    from fastsiglip.processing import load_processor
+    from fastsiglip.train.evaluate import zero_shot_top1
+
+    folder = tmp_path / "zs"
+    rng = np.random.default_rng(5)
+    for color in ("red", "blue"):
+        (folder / color).mkdir(parents=True)
+        shape_image(color, "left", rng).save(folder / color / "0.png")
+    model, processor = fastsiglip.load(tiny), load_processor(tiny)
+    run = dict(device="cpu", autocast=contextlib.nullcontext)
+    clean = zero_shot_top1(model, processor, folder, **run)["zeroshot/top1"]
+    (folder / "red" / "1.png").write_bytes(b"not an image")
+    assert zero_shot_top1(model, processor, folder, **run)["zeroshot/top1"] == clean
+    for color in ("red", "blue"):
+        (folder / color / "0.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="none of its 3 images could be read"):
+        zero_shot_top1(model, processor, folder, **run)
+
+
+def test_resume_drops_a_half_written_metrics_line(tmp_path):
+    # A process killed in the middle of a metrics.jsonl write leaves half a line; a resumed run
+    # drops it (and every line after its checkpoint's step) instead of failing to parse it.
+    from fastsiglip.train import _Metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'
+                                            '{"step": 2, "loss": 0.8}\n{"step": 3, "lo')
+    _Metrics(tmp_path, keep_until=1, tensorboard=False, active=True)
+    assert read_metrics(tmp_path) == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.9}]
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Several processes (DDP, gloo): the same run as one process on the same global batches
 # ---------------------------------------------------------------------------------------------

@@ -156,6 +156,15 @@ def _model(model_or_name, device):
     return model
 
 
+def _metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity (dropped on resume) for a blank line or one a
+    killed process left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class _Metrics:
     """OUT/metrics.jsonl (and TensorBoard) on rank 0; a resumed run first drops the lines after
     its checkpoint's step, so the file reads as one uninterrupted run."""
@@ -166,8 +175,7 @@ class _Metrics:
             return
         lines = []
         if keep_until is not None and self.path.is_file():
-            lines = [x for x in self.path.read_text().splitlines() if x.strip()
-                     and json.loads(x)["step"] <= keep_until]
+            lines = [x for x in self.path.read_text().splitlines() if _metrics_step(x) <= keep_until]
         self.path.write_text("".join(x + "\n" for x in lines))
         if tensorboard:
             try:
@@ -347,7 +355,8 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
             results.update(_embed_and_recall(Towers(model), val_pairs, source, codec, to_inputs, eval_batch_size,
                                              max_num_patches, workers, pin, autocast))
         if zero_shot is not None:
-            results.update(zero_shot_top1(model, processor, zero_shot, device=device, autocast=autocast))
+            results.update(zero_shot_top1(model, processor, zero_shot, device=device, autocast=autocast,
+                                          max_num_patches=max_num_patches))
         model.train()
         return results
 

@@ -12,7 +12,6 @@ import pathlib
 
 import torch
 
-from ..processing import load_image
 
 RECALL_KS = (1, 5, 10)
 CHUNK = 1024
@@ -70,9 +69,11 @@ def class_folders(folder) -> list[tuple[str, list[pathlib.Path]]]:
 
 @torch.no_grad()
 def zero_shot_top1(model, processor, folder, *, device, autocast, templates=ZERO_SHOT_TEMPLATES,
-                   batch_size: int = 64) -> dict[str, float]:
-    """{"zeroshot/top1": accuracy} over the images of a class-per-subfolder tree; each class's
-    text embedding is the normalized mean of its prompts' embeddings (CLIP's prompt ensemble)."""
+                   batch_size: int = 64, max_num_patches: int | None = None) -> dict[str, float]:
+    """{"zeroshot/top1": accuracy} over the readable images of a class-per-subfolder tree (an
+    unreadable one is left out, not counted; none readable is an error); each class's text
+    embedding is the normalized mean of its prompts' embeddings (CLIP's prompt ensemble).
+    max_num_patches: the NaFlex budget the run trains with."""
     classes = class_folders(folder)
     weights = []
     for name, _ in classes:
@@ -86,11 +87,16 @@ def zero_shot_top1(model, processor, folder, *, device, autocast, templates=ZERO
     correct = total = 0
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        batch = processor.process_images([load_image(p) for _, p in chunk], skip_errors=False, num_workers=0)
+        batch = processor.process_images([str(p) for _, p in chunk], skip_errors=True, num_workers=0,
+                                         max_num_patches=max_num_patches)
+        if batch.pixel_inputs is None:
+            continue
         inputs = {k: v.to(device) for k, v in batch.pixel_inputs.items()}
         with autocast():
             emb = model.get_image_features(**inputs).float()
         pred = (emb @ weights.t()).argmax(1).cpu()
-        correct += int((pred == torch.tensor([label for label, _ in chunk])).sum())
-        total += len(chunk)
+        correct += int((pred == torch.tensor([chunk[i][0] for i in batch.indices])).sum())
+        total += len(batch.indices)
+    if total == 0:
+        raise ValueError(f"--zero-shot {folder}: none of its {len(files)} images could be read")
     return {"zeroshot/top1": correct / total}
