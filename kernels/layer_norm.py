@@ -105,7 +105,8 @@ def _store_tile(ptr, val, rows, cols, stride, N, row_ok):
 def _layer_norm_fwd_kernel(
     X, R, S, Y, W, B, Mean, Rstd,  # X, R, S, Y [M, N]; W, B [N]; Mean, Rstd [M] float32
     M, N, ROWS_BUCKET, stride_x, stride_r, stride_s, stride_y, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_STATS: tl.constexpr,  # STORE_STATS False: inference, no mean / rstd
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_ok = rows < M
@@ -126,8 +127,9 @@ def _layer_norm_fwd_kernel(
     db = tl.where((cols_b < N)[None, :], xb - mean[:, None], 0.0)
     var = (tl.sum(da * da, axis=1) + tl.sum(db * db, axis=1)) / N
     rstd = 1.0 / tl.sqrt(var + eps)  # [BLOCK_M]
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+    if STORE_STATS:
+        tl.store(Mean + rows, mean, mask=row_ok)
+        tl.store(Rstd + rows, rstd, mask=row_ok)
     wa = tl.load(W + cols_a).to(tl.float32)
     ba = tl.load(B + cols_a).to(tl.float32)
     wb = tl.load(W + cols_b, mask=cols_b < N, other=0.0).to(tl.float32)
@@ -209,26 +211,27 @@ def _sm_count(device) -> int:
     return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def layer_norm_fwd(x, w, b, eps, residual=None, out_dtype=None):
+def layer_norm_fwd(x, w, b, eps, residual=None, out_dtype=None, store_stats=True):
     """x, residual [M, N] (unit column stride) -> (y [M, N], s [M, N], mean [M], rstd [M] float32).
 
     s is the normalized tensor: x + residual (new, in the promoted dtype of the two), or x itself
-    without a residual. y is in `out_dtype`, default s's dtype.
+    without a residual. y is in `out_dtype`, default s's dtype. store_stats=False (inference): mean
+    and rstd, which only the backward reads, are neither allocated nor written (empty tensors).
     """
     M, N = x.shape
     block_a, block_b = _pieces(N)
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = torch.empty((M, N), dtype=out_dtype or s_dtype, device=x.device)
     s = x if residual is None else torch.empty((M, N), dtype=s_dtype, device=x.device)
-    mean = torch.empty(M, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    mean = torch.empty(M if store_stats else 0, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
     if M == 0:
         return y, s, mean, rstd
     r = x if residual is None else residual  # a placeholder pointer when unused
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _layer_norm_fwd_kernel[grid](
         x, r, s, y, w, b, mean, rstd, M, N, _rows_bucket(M), x.stride(0), r.stride(0), s.stride(0), y.stride(0),
-        eps, HAS_RESIDUAL=residual is not None, BLOCK_A=block_a, BLOCK_B=block_b,
+        eps, HAS_RESIDUAL=residual is not None, STORE_STATS=store_stats, BLOCK_A=block_a, BLOCK_B=block_b,
     )
     return y, s, mean, rstd
 
@@ -261,26 +264,28 @@ def layer_norm_bwd(dy, s, w, mean, rstd, ds_in=None):
 
 @torch.library.custom_op("fastsiglip::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
-                   eps: float, out_dtype: torch.dtype | None
+                   eps: float, out_dtype: torch.dtype | None, with_stats: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual [..., N] -> (y [..., N] in out_dtype, s = x + residual [..., N], mean [M], rstd [M] float32).
 
     M is the number of rows (x.numel() // N). Without a residual s is x itself, which an operator
-    may not return: s is then an empty tensor (the backward reads x instead). Differentiable in x,
-    weight, bias and residual (mean and rstd are not).
+    may not return: s is then an empty tensor (the backward reads x instead). mean and rstd are
+    what the backward needs; without `with_stats` (inference) they are neither allocated nor
+    written, and come back empty. Differentiable in x, weight, bias and residual (mean and rstd
+    are not) when called with with_stats=True.
     """
     x2 = _row_major(x)  # [M, N]
     r2 = None if residual is None else _row_major(residual)
-    y, s, mean, rstd = layer_norm_fwd(x2, weight.contiguous(), bias.contiguous(), eps, r2, out_dtype)
+    y, s, mean, rstd = layer_norm_fwd(x2, weight.contiguous(), bias.contiguous(), eps, r2, out_dtype, with_stats)
     return y.view(x.shape), (x.new_empty(0) if residual is None else s.view(x.shape)), mean, rstd
 
 
 @_layer_norm_op.register_fake
-def _(x, weight, bias, residual, eps, out_dtype):
+def _(x, weight, bias, residual, eps, out_dtype, with_stats):
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     rows = math.prod(x.shape[:-1])  # symbolic sizes stay symbolic (Size.numel() would specialize)
     s = x.new_empty(0) if residual is None else x.new_empty(x.shape, dtype=s_dtype)
-    stats = x.new_empty(rows, dtype=torch.float32)
+    stats = x.new_empty(rows if with_stats else 0, dtype=torch.float32)
     return x.new_empty(x.shape, dtype=out_dtype or s_dtype), s, stats, torch.empty_like(stats)
 
 
@@ -303,9 +308,10 @@ def _(dy, s, weight, mean, rstd, ds_in):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, out_dtype = inputs
+    x, weight, bias, residual, eps, out_dtype, with_stats = inputs
     y, s, mean, rstd = output
     ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
+    ctx.with_stats = with_stats
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.mark_non_differentiable(mean, rstd)
@@ -313,6 +319,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, ds_in, _dmean, _drstd):
+    if not ctx.with_stats:
+        raise RuntimeError("fastsiglip.layer_norm: the forward ran with with_stats=False, so there are no "
+                           "statistics to differentiate through; call it with with_stats=True when gradients "
+                           "are needed")
     s, weight, mean, rstd = ctx.saved_tensors
     has_residual = ctx.residual_dtype is not None
     ds_in = ds_in if has_residual else None
@@ -322,16 +332,16 @@ def _backward(ctx, dy, ds_in, _dmean, _drstd):
         ds, dw, db = torch.ops.fastsiglip.layer_norm_backward(dy, s, weight, mean, rstd, ds_in)
     # d s / d x = d s / d residual = I: both receive ds, in their own dtypes, as PyTorch's add does.
     return (ds.to(ctx.x_dtype), dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
-            ds.to(ctx.residual_dtype) if has_residual else None, None, None)
+            ds.to(ctx.residual_dtype) if has_residual else None, None, None, None)
 
 
 _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast_rule(dtype, x, weight, bias, residual, eps, out_dtype):
+def _autocast_rule(dtype, x, weight, bias, residual, eps, out_dtype, with_stats):
     """Under autocast: inputs as they are (statistics are float32 anyway, and a float32 residual
     stream stays float32), the output in the autocast dtype."""
-    return x, weight, bias, residual, eps, out_dtype or dtype
+    return x, weight, bias, residual, eps, out_dtype or dtype, with_stats
 
 
 register_autocast("layer_norm", _autocast_rule)
@@ -374,5 +384,6 @@ def layer_norm(x, weight, bias, eps=1e-6, residual=None):
                             "float32)")
     tensors = {"x": x, "weight": weight, "bias": bias, **({} if residual is None else {"residual": residual})}
     check_device("layer_norm", tensors)
-    y, s, _, _ = torch.ops.fastsiglip.layer_norm(x, weight, bias, residual, float(eps), None)
+    with_stats = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+    y, s, _, _ = torch.ops.fastsiglip.layer_norm(x, weight, bias, residual, float(eps), None, with_stats)
     return y if residual is None else (y, s)

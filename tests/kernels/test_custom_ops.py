@@ -37,16 +37,22 @@ def cu(*lengths):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [None, "same", "float32"])
-def test_opcheck_layer_norm(dtype, residual):
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_opcheck_layer_norm(dtype, residual, with_stats):
     x = rand(2, 3, 16, dtype=dtype, grad=True)
     w, b = rand(16, grad=True, seed=1) * 0.1 + 1, rand(16, grad=True, seed=2)
     w, b = w.detach().requires_grad_(), b.detach().requires_grad_()  # float32 parameters
     r = None if residual is None else rand(2, 3, 16, dtype=dtype if residual == "same" else torch.float32,
                                            grad=True, seed=3)
-    opcheck(OPS.layer_norm.default, (x, w, b, r, 1e-6, None))
-    y, s, mean, rstd = OPS.layer_norm(x, w, b, r, 1e-6, dtype)
+    if not with_stats:  # inference: no statistics, hence nothing to differentiate through
+        x, w, b, r = (None if t is None else t.detach() for t in (x, w, b, r))
+    opcheck(OPS.layer_norm.default, (x, w, b, r, 1e-6, None, with_stats))
+    y, s, mean, rstd = OPS.layer_norm(x, w, b, r, 1e-6, dtype, with_stats)
     assert y.dtype == dtype and mean.dtype == rstd.dtype == torch.float32
+    assert mean.shape == rstd.shape == ((6,) if with_stats else (0,))
     assert s.numel() == 0 if r is None else s.dtype == torch.promote_types(dtype, r.dtype)
+    if not with_stats:
+        return
     dy = rand(2, 3, 16, dtype=dtype, seed=4)
     ds_in = None if r is None else rand(2, 3, 16, dtype=s.dtype, seed=5)
     opcheck(OPS.layer_norm_backward.default, (dy, x.detach() if r is None else s.detach(), w.detach(),
@@ -185,7 +191,8 @@ def saved_by(fn):
 
 def test_inference_allocates_no_backward_buffers(monkeypatch):
     """Under no_grad / inference_mode the kernels are called without their backward outputs
-    (MLP pre-activation h, attention LSE, loss gradients: empty) and autograd saves nothing;
+    (LayerNorm mean / rstd, MLP pre-activation h, attention LSE, loss gradients: empty) and
+    autograd saves nothing;
     with gradients the same calls keep exactly what the backward reads."""
     monkeypatch.setenv("FASTSIGLIP_IMPL", "kernel")
     x = rand(5, 16, grad=True)
@@ -193,14 +200,16 @@ def test_inference_allocates_no_backward_buffers(monkeypatch):
     q = rand(2, 4, 1, 64, grad=True, seed=3)
     emb, s = torch.nn.functional.normalize(rand(4, 16, seed=4), dim=-1).requires_grad_(), torch.zeros(1)
     calls = {
+        "layer_norm": lambda: ops.layer_norm(x, w1[0], b2),
         "mlp": lambda: ops.mlp(x, w1, b1, w2, b2),
         "attention": lambda: ops.attention(q, q, q),
         "sigmoid_loss": lambda: ops.sigmoid_loss(emb, emb, s, s),
     }
-    expected_saved = {"mlp": [(5, 16), (5, 32), (32, 16), (16, 32)],  # x, h, the two weights
+    expected_saved = {"layer_norm": [(5, 16), (16,), (5,), (5,)],  # x, weight, mean, rstd
+                      "mlp": [(5, 16), (5, 32), (32, 16), (16, 32)],  # x, h, the two weights
                       "attention": [(8, 1, 64)] * 4 + [(1, 8), (3,), (3,)],  # q, k, v, out, LSE, cu_seqlens
                       "sigmoid_loss": [(4, 16), (4, 16), (1,), (1,)]}  # the four gradients
-    aux = {"mlp": 1, "attention": 1, "sigmoid_loss": slice(1, None)}
+    aux = {"layer_norm": slice(2, None), "mlp": 1, "attention": 1, "sigmoid_loss": slice(1, None)}
     for name, call in calls.items():
         for context in (torch.no_grad, torch.inference_mode):
             with OpInputs() as spy, context():
