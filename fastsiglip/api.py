@@ -270,28 +270,19 @@ def read_texts(path, *, column: str = "text", id_column: str | None = None) -> t
     if suffix not in (".txt", ".jsonl", ".csv", ".tsv"):
         raise ValueError(f"{path}: embed-text reads .txt (one text a line), .jsonl, .csv or .tsv files")
     keys, texts = [], []
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
-        if suffix == ".txt":
+    if suffix == ".txt":
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
             lines = f.read().split("\n")
-            if lines and lines[-1] == "":
-                lines.pop()
-            texts = [line.removesuffix("\r") for line in lines]
-            keys = [str(i + 1) for i in range(len(texts))]
-        elif suffix == ".jsonl":
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
-                _add_text_row(path, f"line {number}", row, column, id_column, str(number), keys, texts)
-        else:
-            import csv
+        if lines and lines[-1] == "":
+            lines.pop()
+        texts = [line.removesuffix("\r") for line in lines]
+        keys = [str(i + 1) for i in range(len(texts))]
+    else:
+        from . import data
 
-            reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
-            for number, row in enumerate(reader, 1):
-                _add_text_row(path, f"row {number}", row, column, id_column, str(number), keys, texts)
+        where = "line" if suffix == ".jsonl" else "row"
+        for number, row in data.read_table(path):
+            _add_text_row(path, f"{where} {number}", row, column, id_column, str(number), keys, texts)
     if not texts:
         raise ValueError(f"{path} holds no texts")
     if len(set(keys)) != len(keys):

@@ -216,20 +216,34 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for item in items for x in expand_braces(head + item + tail)]
 
 
-def read_manifest(path, *, image_column: str = "image", text_column: str | None = "text") -> Pairs:
-    """text_column None: images only (`fastsiglip embed`), every caption ""."""
+def read_table(path) -> list[tuple[int, object]]:
+    """The rows of a .jsonl (one JSON value a line, blank lines skipped) or .csv / .tsv file (a
+    header row, then one dict a row), each with its number: the line number in a .jsonl, the row
+    number after the header in a .csv / .tsv. UTF-8 (a byte-order mark is not data). The one reader
+    of manifests (training, `fastsiglip embed`) and of `fastsiglip embed-text` tables."""
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if suffix == ".jsonl":
-                rows = [json.loads(line) for line in f if line.strip()]
-                columns = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
-            else:
-                reader = csv.DictReader(f, delimiter=MANIFEST_DELIMITERS[suffix])
-                rows, columns = list(reader), set(reader.fieldnames or [])
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read manifest {path}: {e}") from e
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if suffix != ".jsonl":
+                return list(enumerate(csv.DictReader(f, delimiter=MANIFEST_DELIMITERS[suffix]), 1))
+            rows = []
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((number, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {number}: not valid JSON ({e})") from e
+            return rows
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
+def read_manifest(path, *, image_column: str = "image", text_column: str | None = "text") -> Pairs:
+    """text_column None: images only (`fastsiglip embed`), every caption ""."""
+    path = pathlib.Path(path)
+    rows = [row for _, row in read_table(path)]
+    columns = set().union(*(r.keys() for r in rows if isinstance(r, dict)))
     if not rows:
         raise DataError(f"manifest {path} has no rows")
     for role, column, option in (("image", image_column, "--image-column"), ("text", text_column, "--text-column")):

@@ -46,6 +46,12 @@ def test_manifest_formats_and_columns(folder):
         data_lib.open_pairs(folder / "empty.jsonl")
     with pytest.raises(data_lib.DataError, match="does not exist"):
         data_lib.open_pairs(folder / "nope.csv")
+    # A spreadsheet's UTF-8 byte-order mark is not part of the first column's name.
+    (folder / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (folder / "m.csv").read_bytes())
+    assert len(data_lib.open_pairs(folder / "bom.csv", image_column="path", text_column="caption")) == 10
+    (folder / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n\n{not json\n")
+    with pytest.raises(data_lib.DataError, match="bad.jsonl, line 3: not valid JSON"):
+        data_lib.open_pairs(folder / "bad.jsonl", image_column="path", text_column="caption")
 
 
 def _write_shard(path, start, count, caption="txt"):
