@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_slug, parse_args, write_results  # noqa: E402
 
 from fastsiglip import config as config_lib  # noqa: E402
-from fastsiglip.benchmarks import transformers_twin  # noqa: E402
+from fastsiglip.benchmarks import sync, transformers_twin  # noqa: E402
 from fastsiglip.data import PixelCodec  # noqa: E402
 from fastsiglip.model import build  # noqa: E402
 from fastsiglip.processing import ImageProcessor  # noqa: E402
@@ -83,11 +83,6 @@ def peak_mb(device) -> float | None:
         return None
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fastsiglip_step(model, cfg, batch: int, micro: int, device, autocast):

@@ -47,11 +47,6 @@ def _dtype(name: str | None, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _random_image_inputs(config, batch: int, device, dtype) -> dict:
     """Pixel inputs the vision tower takes, at the preset's own resolution."""
     v = config.vision
@@ -67,12 +62,14 @@ def _random_image_inputs(config, batch: int, device, dtype) -> dict:
 
 
 def _throughput(fn, batch: int, iters: int, device) -> float:
+    from .benchmarks import sync
+
     fn()  # warm-up (kernel compilation, allocator)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    _sync(device)
+    sync(device)
     return batch * iters / (time.perf_counter() - start)
 
 
