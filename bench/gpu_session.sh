@@ -56,9 +56,9 @@ step compile-check "${STEP_COMPILE:-90}" env FASTSIGLIP_COMPILE_CACHE="$WORK/com
 
 # 4. The pytest-benchmark suite: one shape per family first (the README's), eager and peers
 #    before torch.compile (whose compiles take longest); then the rest if time remains.
-step bench-quick "${STEP_BENCH_QUICK:-120}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
+step bench-quick "${STEP_BENCH_QUICK:-110}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
     -k "not torch.compile" --benchmark-json "$WORK/results/kernels-quick.json"
-step bench-compile "${STEP_BENCH_COMPILE:-50}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
+step bench-compile "${STEP_BENCH_COMPILE:-40}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
     -k "torch.compile" --benchmark-json "$WORK/results/kernels-compile.json"
 
 # 5. The scripts' floors and ratios (trimmed to fit; each writes its own results file).
@@ -66,8 +66,11 @@ step bench-loss "${STEP_LOSS:-40}" $PY bench/sigmoid_loss.py --dims 768 --batche
     --out-dir "$WORK/results"
 step bench-e2e "${STEP_E2E:-40}" $PY bench/end_to_end.py --presets siglip2-base-patch16-224 --no-compile \
     --out-dir "$WORK/results"
+# 6. `fastsiglip embed` end to end: CPU decoding workers against nvjpeg (--decode gpu, needs torchvision).
+step bench-embed "${STEP_EMBED:-30}" $PY bench/embed.py --preset siglip2-base-patch16-224 --device cuda \
+    --images 1024 --batch-size 128 --workers 4 16 --decode exact gpu --json "$WORK/results/embed.json"
 
-# 6. The report of what landed, printed (README.md is rebuilt where the results are committed).
+# 7. The report of what landed, printed (README.md is rebuilt where the results are committed).
 mkdir -p bench/results
 for f in "$WORK"/results/*.json "$WORK"/results/*.md; do
     [ -s "$f" ] && case $f in *compile_check*) ;; *) cp "$f" bench/results/ ;; esac

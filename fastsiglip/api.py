@@ -48,7 +48,7 @@ DEFAULT_TEMPLATE = "This is a photo of {}."
 # embed: a decoding worker that delivers no batch for this long is taken as stuck (a hung network
 # read, a deadlock): the job stops with an error, its finished batches kept for --resume.
 WORKER_TIMEOUT_S = 600
-DECODE_MODES = ("exact", "draft")
+DECODE_MODES = ("exact", "draft", "gpu")
 
 
 def _processor(model, processor):
@@ -495,7 +495,9 @@ def _run_job(out, identity, keys, encode, *, field, unit, resume, overwrite, pro
         if emb is not None:
             chunks.append(emb)
         partial.add(emb, batch_keys, bad)
-        done, failed, new = done + batch_keys, failed + bad, new + len(batch_keys) + len(bad)
+        done.extend(batch_keys)  # in place: a new list per batch would copy O(rows) each time
+        failed.extend(bad)
+        new += len(batch_keys) + len(bad)
         if progress:
             rate = new / (time.perf_counter() - start)
             print(f"\r{len(done) + len(failed)}/{total} {unit}  {rate:.1f} {unit}/s", end="", file=sys.stderr,
@@ -660,14 +662,18 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
     run). Inputs: folders, image files, file lists, manifests, tar shards (see image_inputs).
 
     Decoding and resizing run in `workers` DataLoader processes (default: the CPU cores; 0: in
-    this process, one image after the other), batches prefetched while the model encodes, pixels
-    moved between processes as uint8 (data.PixelCodec; the model sees exactly the processor's
-    floats), pinned when the model is on CUDA.
+    this process, one image after the other), a few images per DataLoader item (data.chunk_size)
+    regrouped into batches here, two batches per worker prefetched while the model encodes,
+    pixels moved between processes as uint8 (data.PixelCodec; the model sees exactly the
+    processor's floats), pinned when the model is on CUDA. A batch holds the same images
+    whatever the workers, so the embeddings are bit-identical.
 
     decode="draft" (FixRes checkpoints): JPEGs are decoded by Pillow's draft mode at the smallest
     1/2, 1/4 or 1/8 scale still at least the model's size, then resized exactly as usual: faster,
-    and close to but not equal to the exact embeddings (README: measured effect). Part of the
-    job's identity: a run is resumed only with the same mode.
+    and close to but not equal to the exact embeddings (README: measured effect). decode="gpu"
+    (model on CUDA, torchvision installed): the workers only read bytes and headers, plain JPEGs
+    are decoded (nvjpeg) and resized on the GPU, other images exactly in the workers (see
+    gpu_decode). The mode is part of the job's identity: a run is resumed only with the same mode.
 
     The work done so far is kept in `<out>.partial/` after every batch, so `resume=True`
     continues an interrupted run; `out` itself is written once, atomically, at the end. With
@@ -706,11 +712,26 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
     draft = (side, side) if decode == "draft" else None
     codec = data.PixelCodec(proc.image_processor, max_num_patches)
     device = next(model.parameters()).device
+    gpu_decoder = None
+    if decode == "gpu":
+        from . import gpu_decode
+
+        gpu_decode.check_supported(codec, device)
+        gpu_decoder = gpu_decode.GpuDecoder(codec, device)  # ImportError without torchvision
+
+    chunk = data.chunk_size(batch_size, workers)  # items of a few images, regrouped into batches here
 
     def encode(todo):
-        dataset = data.ImageBatches(pairs, codec, batch_size=batch_size, indices=todo, draft=draft)
-        for batch in data.loader(dataset, range(len(dataset)), workers=workers, pin_memory=device.type == "cuda",
-                                 timeout=WORKER_TIMEOUT_S):
+        if decode == "gpu":  # workers read bytes; the main process decodes them on the GPU
+            dataset = gpu_decode.JpegBatches(pairs, codec, batch_size=chunk, indices=todo)
+        else:
+            dataset = data.ImageBatches(pairs, codec, batch_size=chunk, indices=todo, draft=draft)
+        per_batch = batch_size // chunk
+        items = data.loader(dataset, range(len(dataset)), workers=workers, prefetch=2 * per_batch,
+                            timeout=WORKER_TIMEOUT_S)
+        for batch in data.regroup(items, per_batch, pin_memory=device.type == "cuda" and decode != "gpu"):
+            if gpu_decoder is not None:
+                batch = gpu_decoder(batch)
             emb = _encode_pixels(model, codec, batch) if batch["keys"] else None
             yield emb, batch["keys"], [(str(k), err) for k, err in batch["bad"]]
 

@@ -365,19 +365,23 @@ class ImageProcessor:
         # [3, hp, p, wp, p] -> [hp, wp, p(y), p(x), 3]: patches row-major, (py, px, c) inside one
         return np.ascontiguousarray(chw.reshape(3, hp, p, wp, p).transpose(1, 3, 2, 4, 0)).reshape(hp, wp, -1)
 
-    def _resized(self, image: Image.Image, max_num_patches: int) -> np.ndarray:
-        """RGB image -> uint8 [H, W, 3] at the size the model takes."""
-        if self.naflex:
-            if self.do_resize:
-                height, width = naflex_size(image.height, image.width, self.patch_size, max_num_patches)
-            else:
-                height, width = image.height, image.width
+    def target_size(self, height: int, width: int, max_num_patches: int) -> tuple[int, int]:
+        """(height, width) the model takes for an upright image of this size (the resize rule, or
+        the image's own size without do_resize); ImageLoadError when NaFlex cannot take it."""
+        if not self.do_resize:
+            if self.naflex:
                 p = self.patch_size
                 if height % p or width % p or (height // p) * (width // p) > max_num_patches:
                     raise ImageLoadError(f"with do_resize=False a NaFlex image must be a multiple of patch_size "
                                          f"{p} with at most {max_num_patches} patches, got {width}x{height}")
-        else:
-            height, width = self.size if self.do_resize else (image.height, image.width)
+            return height, width
+        if self.naflex:
+            return naflex_size(height, width, self.patch_size, max_num_patches)
+        return self.size
+
+    def _resized(self, image: Image.Image, max_num_patches: int) -> np.ndarray:
+        """RGB image -> uint8 [H, W, 3] at the size the model takes."""
+        height, width = self.target_size(image.height, image.width, max_num_patches)
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=self.resample)
         return np.asarray(image)

@@ -177,3 +177,14 @@ def test_worker_processes_give_the_same_batches(tmp_path, siglip_checkpoint):
         assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["input_ids"], b["input_ids"])
     tokens = load_processor(siglip_checkpoint)(text=["caption 0"])["input_ids"]
     assert tokens.shape[1] == serial[0]["input_ids"].shape[1]
+
+
+def test_chunks_regrouped_into_the_same_batches():
+    assert [data_lib.chunk_size(b, 2) for b in (1, 3, 8, 10, 32, 64, 97, 100)] == [1, 3, 8, 5, 8, 8, 1, 5]
+    assert data_lib.chunk_size(64, 0) == 64  # no workers: whole batches
+    parts = [{"pixels": torch.full((2, 3), i), "keys": [f"{i}a", f"{i}b"], "bad": []} for i in range(3)]
+    parts.insert(1, {"keys": [], "bad": [("x", "unreadable")]})  # a chunk whose images all failed
+    merged = list(data_lib.regroup(iter(parts), 3))
+    assert [m["keys"] for m in merged] == [["0a", "0b", "1a", "1b"], ["2a", "2b"]]
+    assert merged[0]["bad"] == [("x", "unreadable")] and merged[0]["pixels"].tolist() == [[0] * 3] * 2 + [[1] * 3] * 2
+    assert merged[1]["pixels"] is parts[3]["pixels"]  # one part: no copy

@@ -58,11 +58,13 @@ def _read(out):
         return f.get_tensor("embeddings"), {k: json.loads(v) for k, v in f.metadata().items()}
 
 
-def test_workers_bit_identical_to_main_process(siglip_checkpoint, model, photos, tmp_path, capsys):
+@pytest.mark.parametrize("batch_size", [3, 10])  # 10: DataLoader items of 5 images, two per batch (data.regroup)
+def test_workers_bit_identical_to_main_process(siglip_checkpoint, model, photos, tmp_path, capsys, batch_size):
     results = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.safetensors"
-        assert _run(siglip_checkpoint, "embed", photos, "--out", out, "--workers", workers, "--batch-size", 3) == 0
+        assert _run(siglip_checkpoint, "embed", photos, "--out", out, "--workers", workers, "--batch-size",
+                    batch_size) == 0
         assert "broken.jpg" in capsys.readouterr().err  # skipped and listed
         results[workers] = _read(out)
     (emb0, meta0), (emb2, meta2) = results[0], results[2]
@@ -423,8 +425,27 @@ def test_naflex_workers_bit_identical(photos, tmp_path):
     rows = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.safetensors"
-        report = api.embed_files(model, photos, out, processor=processor, workers=workers, batch_size=3,
-                                 progress=False)
+        report = api.embed_files(model, photos, out, processor=processor, workers=workers, batch_size=10,
+                                 progress=False)  # items of 5 images regrouped: masks and shapes merged too
         rows[workers] = _read(out)
     assert torch.equal(rows[0][0], rows[2][0]) and rows[0][1]["paths"] == rows[2][1]["paths"] == report["paths"]
     assert torch.allclose(rows[2][0], fastsiglip.encode_images(model, report["paths"], processor=processor), atol=1e-6)
+
+
+def test_bench_embed_script(tmp_path, capsys):
+    """bench/embed.py end to end on the real test photos: rows for each decode mode it can run
+    here (gpu is skipped on a CPU, and says so), embeddings identical across workers."""
+    import importlib.util
+
+    root = pathlib.Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("bench_embed", root / "bench" / "embed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "embed.json"
+    assert bench.main(["--tiny", "--threads", "1", "--images", "9", "--batch-size", "4", "--workers", "0", "2",
+                       "--decode", "exact", "draft", "gpu", "--photos", str(root / "tests" / "data" / "photos"),
+                       "--json", str(out)]) == 0
+    assert "gpu   skipped" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decode"], r["workers"]) for r in rows] == [("exact", 0), ("exact", 2), ("draft", 0), ("draft", 2)]
+    assert all(r["bit_identical_to_first"] for r in rows) and rows[2]["cosine_min"] > 0.99
