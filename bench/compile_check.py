@@ -20,7 +20,14 @@ tcgen05, mma.sync or none, read from the PTX), registers and spill bytes (ptxas 
 runs it), shared memory against the per-block limit, and the main loop's schedule read from the
 TTGIR: whether its global loads are asynchronous and multi-buffered (cp.async or TMA into a
 ring of shared-memory stages) and whether its wgmma ops overlap (a warp_group_dot_wait with
-pendings > 0 inside the loop leaves a dot in flight).
+pendings > 0 inside the loop leaves a dot in flight). A warp-specialized kernel (a
+`ttg.warp_specialize` op: triton's `tl.range(..., warp_specialize=True)`) is reported by its
+partitions instead, e.g. "warp-specialized: 1 producer + 2 consumers (232 regs)": producers issue
+the TMA loads, consumers the dots, and the consumers overlap each other's wgmma and softmax.
+
+Configs gated to one GPU generation (the attention forward's warp-specialized configs: sm_90,
+see kernels/attention.py) are recorded as on a GPU that allows them and compiled only for that
+generation.
 
 Exit status: 1 when some (kernel, shape) has no candidate that compiles, fits shared memory and
 has no spills on the generation's tensor-core path (wgmma on sm_90, tcgen05 on sm_100; kernels
@@ -64,7 +71,7 @@ ARCHS = {90: "sm_90 (Hopper)", 100: "sm_100 (Blackwell)"}
 TENSOR_CORE_PATH = {90: "wgmma", 100: "tcgen05"}  # what each generation's 16-bit dots should use
 SMEM_LIMIT = {90: 232448, 100: 232448}  # bytes of shared memory one block may use (227 KB)
 OPS = ("attention", "mlp", "layer_norm", "sigmoid_loss")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: warp_specialized in the results
 
 
 # --- launch shapes -------------------------------------------------------------------------------
@@ -109,7 +116,18 @@ def attention_cases(fast):
     att = importlib.import_module("fastsiglip.kernels.attention")
     cases = []
 
+    def sm90(run):
+        """The meta device stands for an sm_90 GPU: the warp-specialized forward configs are
+        candidates (main() compiles them for sm_90 only)."""
+        def gated():
+            from unittest import mock
+
+            with mock.patch.object(att, "_ws_device", lambda device: True):
+                run()
+        return gated
+
     def self_attention(m, batch, seqlen, label, train=True):
+        @sm90
         def run():
             q = _meta(batch * seqlen, m.heads, m.head_dim)
             cu = _cu(batch)
@@ -121,6 +139,7 @@ def attention_cases(fast):
         return f"{m.name} d{m.head_dim} {label}", run
 
     def probe(m, batch, seqlen, train=True):
+        @sm90
         def run():  # the MAP head: q [B, H, D], one query per image, cu_q = 0..B (model.py)
             q = _meta(batch, m.heads, m.head_dim)
             k = _meta(batch * seqlen, m.heads, m.head_dim)
@@ -325,8 +344,17 @@ def candidates(launch):
 
 def _config_label(c):
     meta = " ".join(f"{k[len('BLOCK_'):] if k.startswith('BLOCK_') else k}{v}" for k, v in c.kwargs.items()
-                    if k != "GROUP_M")
-    return f"{meta} s{c.num_stages} w{c.num_warps}"
+                    if k not in ("GROUP_M", "WARP_SPECIALIZE"))
+    return f"{meta} s{c.num_stages} w{c.num_warps}" + (" ws" if c.kwargs.get("WARP_SPECIALIZE") else "")
+
+
+def arch_allows(kwargs, arch):
+    """Whether a candidate is meant for `arch`: the warp-specialized attention configs only for the
+    compute capability kernels/attention.py gates them to."""
+    if not kwargs.get("WARP_SPECIALIZE"):
+        return True
+    att = importlib.import_module("fastsiglip.kernels.attention")
+    return arch // 10 == att.WS_CAPABILITY_MAJOR
 
 
 # --- compiling one candidate ---------------------------------------------------------------------
@@ -479,18 +507,69 @@ def loop_schedule(ttgir):
             loop["depth"] += line.count("{") - line.count("}")
         while stack and stack[-1]["depth"] <= 0 and len(stack[-1]["lines"]) > 1:
             loops.append(stack.pop()["lines"])
-    dot_ops = ("ttng.warp_group_dot ", "ttng.tc_gen5_mma", "tt.dot ")
     stages = [int(n) for n in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x[^>]*mutable>", ttgir)]
+    ws = warp_specialization(ttgir)
     if not loops:
-        return {"loop": "none", "async_loads": False, "dot_waits": [], "stages": max(stages, default=1)}
-    main = max(loops, key=lambda body: sum(any(d in ln for d in dot_ops) for ln in body))
+        return {"loop": "none", "async_loads": False, "dot_waits": [], "stages": max(stages, default=1),
+                "warp_specialized": ws}
+    main = max(loops, key=lambda body: sum(any(d in ln for d in _DOT_OPS) for ln in body))
     body = "\n".join(main)
-    async_loads = bool(re.search(r"async_copy_global_to_local|async_tma_copy_global_to_local|"
-                                 r"ttng\.async_tma|tt\.descriptor_load", body))
+    async_loads = bool(re.search(_ASYNC_LOADS, body))
+    if ws is not None:  # the consumers' loop waits on barriers; the producer's loop issues the loads
+        async_loads = any(p["role"] == "producer" and p["async_loads"] for p in ws["partitions"])
     waits = [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", body)]
-    n_dots = sum(body.count(d) for d in dot_ops)
+    n_dots = sum(body.count(d) for d in _DOT_OPS)
     return {"loop": f"{n_dots} dots", "async_loads": async_loads, "dot_waits": waits,
-            "stages": max(stages, default=1)}
+            "stages": max(stages, default=1), "warp_specialized": ws}
+
+
+_DOT_OPS = ("ttng.warp_group_dot ", "ttng.tc_gen5_mma", "tt.dot ")
+_ASYNC_LOADS = (r"async_copy_global_to_local|async_tma_copy_global_to_local|ttng\.async_tma|"
+                r"tt\.descriptor_load")
+
+
+def warp_specialization(ttgir):
+    """The partitions of a `ttg.warp_specialize` op (None without one), read from the TTGIR:
+    {"partitions": [{"name", "warps", "role", "dots", "async_loads"}], "requested_regs": [...]}.
+    Its regions are `default {` (the module's warps) and `partitionN(...) num_warps(W) {`; a
+    region's role is "consumer" when it holds dots, "producer" when it only issues asynchronous
+    loads (TMA), else "other". requested_regs: the registers asked for per non-default partition
+    (setmaxnreg; the default region gets what is left)."""
+    start = ttgir.find("ttg.warp_specialize(")
+    if start < 0:
+        return None
+    head = ttgir[start:ttgir.find("\n", start)]
+    regs = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", head)
+    module_warps = re.search(r'"ttg\.num-warps" = (\d+)', ttgir)
+    partitions, current = [], None
+    for line in ttgir[start:].splitlines()[1:]:
+        header = re.match(r"\s*(default) \{|\s*(partition\d+)\(.*num_warps\((\d+)\) \{\s*$", line)
+        if header:
+            name = header.group(1) or header.group(2)
+            warps = int(header.group(3)) if header.group(3) else int(module_warps.group(1)) if module_warps else 0
+            current = {"name": name, "warps": warps, "lines": []}
+            partitions.append(current)
+        elif re.match(r"\s*\} : \(", line):  # the end of the op
+            break
+        elif current is not None:
+            current["lines"].append(line)
+    out = []
+    for p in partitions:
+        body = "\n".join(p.pop("lines"))
+        dots = sum(body.count(d) for d in _DOT_OPS)
+        loads = bool(re.search(_ASYNC_LOADS, body))
+        role = "consumer" if dots else "producer" if loads else "other"
+        out.append({**p, "role": role, "dots": dots, "async_loads": loads})
+    return {"partitions": out, "requested_regs": [int(r) for r in regs.group(1).split(",")] if regs else []}
+
+
+def warp_specialization_text(ws):
+    """e.g. "warp-specialized: 1 producer + 2 consumers (232 regs)"."""
+    roles = [p["role"] for p in ws["partitions"]]
+    parts = " + ".join(f"{roles.count(r)} {r}{'s' if roles.count(r) > 1 else ''}"
+                       for r in ("producer", "consumer", "other") if roles.count(r))
+    regs = sorted(set(ws["requested_regs"]))
+    return f"warp-specialized: {parts}" + (f" ({'/'.join(map(str, regs))} regs)" if regs else "")
 
 
 # --- verdicts and the report ---------------------------------------------------------------------
@@ -515,6 +594,8 @@ def schedule_text(r):
     if "error" in r:
         return r["error"][:60]
     loads = "async" if r["async_loads"] else "sync"
+    if r.get("warp_specialized"):
+        return f"{warp_specialization_text(r['warp_specialized'])}, {loads} loads, {r['stages']} buf"
     waits = r["dot_waits"]
     overlap = ("" if not waits else " dots overlap" if max(waits) > 0 else " dots serial")
     return f"{loads} loads, {r['stages']} buf{overlap}"
@@ -544,8 +625,9 @@ def main(argv=None):
     for launch in launches:
         for label, fn, kw in candidates(launch):
             for arch in args.arch:
-                tasks.append(Task(arch, fn, launch.args, kw))
-                rows.append((launch, label, arch))
+                if arch_allows(kw, arch):
+                    tasks.append(Task(arch, fn, launch.args, kw))
+                    rows.append((launch, label, arch))
     print(f"compile check, triton {triton.__version__}: {len(launches)} launches, {len(tasks)} compiles "
           f"({', '.join(ARCHS[a] for a in args.arch)})", flush=True)
     start = time.perf_counter()
@@ -600,14 +682,15 @@ def _print_group(arch, kernel, case, cands, verdicts, ok, best, verbose):
         head += (f"  best: {best['path']:8s} {best['regs']:3d} regs, smem {best['smem'] // 1024:3d} KB, "
                  f"{schedule_text(best)}")
     print(("  " if ok else "! ") + head, flush=True)
-    if verbose or not ok:
-        for (label, r), (v, why) in zip(cands, verdicts):
-            if "error" in r:
-                print(f"      {label:28s} {r['error'][:120]}")
-                continue
-            print(f"      {label:28s} {r['path']:8s} {r['regs']:3d} regs {r['spill_bytes']:5d} B spill "
-                  f"smem {r['smem'] // 1024:3d}/{SMEM_LIMIT[arch] // 1024} KB  {schedule_text(r):30s} "
-                  f"{' '.join(f'{k}x{n}' for k, n in r['tc_ops'].items())}  {'ok' if v else why}")
+    for (label, r), (v, why) in zip(cands, verdicts):
+        if not (verbose or not ok or label.endswith(" ws")):  # warp-specialized candidates: always shown
+            continue
+        if "error" in r:
+            print(f"      {label:28s} {r['error'][:120]}")
+            continue
+        print(f"      {label:28s} {r['path']:8s} {r['regs']:3d} regs {r['spill_bytes']:5d} B spill "
+              f"smem {r['smem'] // 1024:3d}/{SMEM_LIMIT[arch] // 1024} KB  {schedule_text(r):30s} "
+              f"{' '.join(f'{k}x{n}' for k, n in r['tc_ops'].items())}  {'ok' if v else why}")
 
 
 def _run_all(tasks, jobs):

@@ -35,11 +35,34 @@ dK and dV are accumulated per key block looping over query blocks (_attn_bwd_dkd
 per query block looping over key blocks (_attn_bwd_dq_kernel): no atomics, deterministic.
 
 float32 inputs use IEEE dots (no TF32), so they meet float32 tolerances.
+
+Warp-specialized forward (sm_90). With triton's default pipelining the two wgmma of a key block
+(S = Q K^T, then P V) run serially within a warp group. `tl.range(..., warp_specialize=True)`
+instead splits a program into a TMA producer warp group and two consumer warp groups of 64 query
+rows each (1 + 2 warp groups from num_warps 4, registers rebalanced 40 / 232), so one consumer's
+softmax overlaps the other's wgmma. Triton 3.9 (and 3.6) applies it only to a loop it can
+partition: K, V (and Q) loaded through device-side TMA descriptors (tl.make_tensor_descriptor),
+every key block inside the one loop with the key mask applied in each (a masked tail block after
+the loop, or an early `return`, makes the pass give up or crash). So the forward has two bodies,
+selected by the constexpr WARP_SPECIALIZE of its configs: the pointer body above (masked tail
+block, early exit) and the descriptor body (programs past the end of their sequence run zero key
+blocks instead of returning). Both are candidates of the one autotuner, which times them on the
+GPU; the warp-specialized configs are pruned, never tried, unless _ws_mode allows them: a CUDA
+device of compute capability 9.x (sm_100 is untested), triton >= WS_MIN_TRITON, 16-bit operands,
+and the layout TMA needs (16-byte aligned base pointers and strides, unit stride along D). That
+decision is an argument of the autotuner's key, so a config chosen for aligned operands is never
+reused for unaligned ones. Device-side descriptors live in a global scratch buffer that triton
+asks `triton.set_allocator`'s allocator for at launch: attention_fwd installs a torch-backed one
+the first time a warp-specialized config may run, unless the caller installed one. Triton keeps
+the allocator in a ContextVar: it holds for the calling thread (context) and every later triton
+launch there, not only ours. The interpreter has no device to gate on: the tests force the
+descriptor body with FORCE_WARP_SPECIALIZE (float32 included; there one list serves all dtypes).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import triton
@@ -68,13 +91,26 @@ PREPROCESS_ROWS = 64  # rows per program of the delta = rowsum(dO * O) kernel
 # below INT32_LIMIT (copying the operand to the contiguous layout, token stride H * D, if needed)
 # and refuses a single sequence longer than that.
 INT32_LIMIT = 2**31
+# The warp-specialized forward (see the header) was compiled and checked for sm_90 with these.
+WS_CAPABILITY_MAJOR = 9  # compute capability 9.x (Hopper); others never try it
+WS_MIN_TRITON = (3, 6)
+TMA_ALIGN = 16  # bytes: TMA reads from 16-byte aligned addresses with 16-byte aligned strides
+# Autotuner key values for the warp-specialized configs: never, as candidates next to the others,
+# or only them (forced, for tests).
+WS_OFF, WS_CANDIDATE, WS_ONLY = 0, 1, 2
+# Tests only: None (default) gates on device, triton and operands; True forces the warp-specialized
+# configs wherever the operands allow TMA (on the CPU interpreter, in float32 too); False never.
+FORCE_WARP_SPECIALIZE: bool | None = None
 
 
-def _config(bm, bn, stages, warps, spills_at=()):
+def _config(bm, bn, stages, warps, spills_at=(), warp_specialize=False):
     """spills_at: padded head widths (D0 + D1, e.g. 80 for head dim 72, 96 for 96) at which this
     config spilled registers when compiled for sm_90 or sm_100 (bench/compile_check.py, triton
-    3.9); _pruner drops it there: a spilling config is not worth the autotuner's time."""
-    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+    3.9), or needed more shared memory than sm_90 has; _pruner drops it there: a spilling config is
+    not worth the autotuner's time.
+    warp_specialize: a forward config of the descriptor body (WARP_SPECIALIZE, see the header)."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"WARP_SPECIALIZE": True} if warp_specialize else {})}
+    config = triton.Config(meta, num_stages=stages, num_warps=warps)
     config.spills_at = frozenset(spills_at)
     return config
 
@@ -82,7 +118,7 @@ def _config(bm, bn, stages, warps, spills_at=()):
 # BLOCK_M always tiles queries and BLOCK_N keys. The small-BLOCK_M configs serve few queries per
 # sequence (the pooling head has one); _prune drops configs whose query tile exceeds the queries.
 if INTERPRET:  # the CPU interpreter runs tl.dot in numpy: one small config, no tuning
-    _FWD_16BIT = _FWD_FP32 = [_config(32, 32, 1, 4)]
+    _FWD_16BIT = _FWD_FP32 = [_config(32, 32, 1, 4), _config(32, 32, 1, 4, warp_specialize=True)]
     _DKDV_16BIT = _DKDV_FP32 = [_config(32, 32, 1, 4)]
     _DQ_16BIT = _DQ_FP32 = [_config(32, 32, 1, 4)]
 else:
@@ -90,7 +126,11 @@ else:
     # does not fit a smaller GPU fails to compile and the autotuner skips it.
     _FWD_16BIT = [_config(128, 128, 3, 8), _config(128, 64, 3, 4, spills_at=(80, 96)), _config(128, 64, 4, 8),
                   _config(64, 128, 3, 4, spills_at=(96,)), _config(64, 64, 4, 4),
-                  _config(16, 128, 3, 4, spills_at=(80,)), _config(16, 64, 3, 4)]
+                  _config(16, 128, 3, 4, spills_at=(80,)), _config(16, 64, 3, 4),
+                  # warp-specialized (sm_90 only, see _ws_mode): BLOCK_M 128 and 4 warps are what
+                  # triton splits into 2 consumer warp groups of 64 rows (plus the producer)
+                  _config(128, 64, 3, 4, warp_specialize=True),
+                  _config(128, 128, 3, 4, spills_at=(128,), warp_specialize=True)]  # d128: 240 KB smem
     _DKDV_16BIT = [_config(64, 128, 2, 8, spills_at=(96,)), _config(32, 128, 3, 8),
                    _config(64, 64, 3, 4, spills_at=(80, 96)), _config(32, 64, 3, 4),
                    _config(16, 128, 2, 4, spills_at=(80, 96)), _config(16, 64, 2, 4)]
@@ -106,11 +146,18 @@ else:
 def _pruner(configs_16bit, configs_fp32):
     def prune(configs, named_args, **kwargs):
         """Configs for the operand dtype whose query tile is not wider than the queries need and
-        that do not spill at this head dim (`spills_at`)."""
+        that do not spill at this head dim (`spills_at`); the warp-specialized ones as WS_MODE says
+        (a key argument of the forward only)."""
         wanted = configs_fp32 if named_args["q_ptr"].dtype == torch.float32 else configs_16bit
         args = {**named_args, **kwargs}
         width = args["D0"] + (args["D1"] if args["HAS_TAIL"] else 0)
         mine = [c for c in configs if any(c is w for w in wanted)]
+        ws = [c for c in mine if c.kwargs.get("WARP_SPECIALIZE")]
+        mode = args.get("WS_MODE", WS_OFF)
+        if mode == WS_ONLY and ws:
+            mine = ws
+        elif mode == WS_OFF:
+            mine = [c for c in mine if not c.kwargs.get("WARP_SPECIALIZE")]
         fits = [c for c in mine if width not in getattr(c, "spills_at", ())] or mine
         fit = max(MIN_DOT, args["MAX_Q_BUCKET"])
         kept = [c for c in fits if c.kwargs["BLOCK_M"] <= fit]
@@ -124,6 +171,7 @@ def _all(a, b):
 
 
 _KEY = ["MAX_Q_BUCKET", "MAX_K_BUCKET", "HEAD_DIM", "IEEE"]
+_FWD_KEY = _KEY + ["WS_MODE"]
 
 
 # --- tile helpers -------------------------------------------------------------------------------
@@ -196,11 +244,7 @@ def _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, seqlen_k, 
         s = _dot(q1, tl.trans(k1), s, IEEE)
     if MASK:
         s = tl.where(n_mask[None, :], s, float("-inf"))
-    # The scale (> 0) is applied inside the exponent, s * qk_scale - m as one FMA per score.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every block holds at least one key
-    alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # [BM, BN]
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, qk_scale)
     v0, v1 = _load_rows(v_base, offs_n, stride_vt, n_mask, MASK, HEAD_DIM, D0, D1, HAS_TAIL)
     p = p.to(v0.dtype)
     acc0 = _dot(p, v0, acc0 * alpha[:, None], IEEE)
@@ -209,16 +253,55 @@ def _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, seqlen_k, 
     return acc0, acc1, m_new, l_i
 
 
-@triton.autotune(configs=_all(_FWD_16BIT, _FWD_FP32), key=_KEY, prune_configs_by=_pruner(_FWD_16BIT, _FWD_FP32))
+@triton.jit
+def _softmax_step(s, m_i, l_i, qk_scale):
+    """The online-softmax update of one [BM, BN] score block (see the header) -> (P, alpha, m, l)."""
+    # The scale (> 0) is applied inside the exponent, s * qk_scale - m as one FMA per score.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every block holds at least one key
+    alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _tile_desc(base, rows, stride, BLOCK: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA descriptor of the [rows, HEAD_DIM] matrix at `base` (row stride `stride`) read in
+    [BLOCK, WIDTH] tiles; rows past `rows` and columns past HEAD_DIM read as 0."""
+    return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK, WIDTH])
+
+
+@triton.jit
+def _fwd_block_tma(acc0, acc1, m_i, l_i, q0, q1, kd0, kd1, vd0, vd1, start_n, seqlen_k, qk_scale,
+                   IEEE: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """_fwd_block with K, V read through TMA descriptors (keys past the end read as 0), the key
+    mask applied to every block: the body of the warp-specialized loop."""
+    k0 = kd0.load([start_n, 0])  # [BN, D0]
+    s = _dot(q0, tl.trans(k0), None, IEEE)  # [BM, BN]
+    if HAS_TAIL:
+        s = _dot(q1, tl.trans(kd1.load([start_n, D0])), s, IEEE)
+    s = tl.where((start_n + tl.arange(0, BLOCK_N) < seqlen_k)[None, :], s, float("-inf"))
+    p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+    v0 = vd0.load([start_n, 0])
+    p = p.to(v0.dtype)
+    acc0 = _dot(p, v0, acc0 * alpha[:, None], IEEE)
+    if HAS_TAIL:
+        acc1 = _dot(p, vd1.load([start_n, D0]), acc1 * alpha[:, None], IEEE)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.autotune(configs=_all(_FWD_16BIT, _FWD_FP32), key=_FWD_KEY, prune_configs_by=_pruner(_FWD_16BIT, _FWD_FP32))
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_heads, total_q, max_seqlen_q, qk_scale,
     MAX_Q_BUCKET, MAX_K_BUCKET,  # key the autotuner only (sizes rounded up to 2^k)
+    WS_MODE,  # keys the autotuner only: may warp-specialized configs run (_ws_mode)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
     STORE_LSE: tl.constexpr,  # False for inference: the LSE is only the backward's
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,  # the descriptor body (see the header)
 ):
     stride_qt, stride_qh = stride_qt * STRIDE_ALIGN, stride_qh * STRIDE_ALIGN
     stride_kt, stride_kh = stride_kt * STRIDE_ALIGN, stride_kh * STRIDE_ALIGN
@@ -231,30 +314,52 @@ def _attn_fwd_kernel(
     b = pid // blocks_m // num_heads
     h = (pid // blocks_m % num_heads).to(tl.int64)  # int64: see INT32_LIMIT
     q_start, seqlen_q = _sequence(cu_q_ptr, b)
-    if pid_m * BLOCK_M >= seqlen_q:
-        return
+    if not WARP_SPECIALIZE:  # the warp-specialized body has no early exit (see the header)
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
     k_start, seqlen_k = _sequence(cu_k_ptr, b)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM], positions inside the sequence
     m_mask = offs_m < seqlen_q
-    q_base = q_ptr + q_start.to(tl.int64) * stride_qt + h * stride_qh
     k_base = k_ptr + k_start.to(tl.int64) * stride_kt + h * stride_kh
     v_base = v_ptr + k_start.to(tl.int64) * stride_vt + h * stride_vh
-    q0, q1 = _load_rows(q_base, offs_m, stride_qt, m_mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], tl.float32)  # unused without HAS_TAIL (removed as dead code)
-    n_full = seqlen_k - seqlen_k % BLOCK_N  # full key blocks need no masking
-    for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, seqlen_k,
-                                          stride_kt, stride_vt, qk_scale, False, IEEE, BLOCK_N,
-                                          HEAD_DIM, D0, D1, HAS_TAIL)
-    if n_full < seqlen_k:
-        acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, n_full, seqlen_k,
-                                          stride_kt, stride_vt, qk_scale, True, IEEE, BLOCK_N,
-                                          HEAD_DIM, D0, D1, HAS_TAIL)
+    if WARP_SPECIALIZE:
+        # Q through a descriptor of head h's whole [Tq, D] slab (Tq > 0: the host launches nothing
+        # otherwise), never of an empty one: rows of a neighbouring sequence that a partial block
+        # reads only feed output rows that are not stored. K, V per sequence: keys past its end
+        # read as 0 (and are masked), never a neighbour's.
+        q_row = q_start + pid_m * BLOCK_M
+        q0 = _tile_desc(q_ptr + h * stride_qh, total_q, stride_qt, BLOCK_M, D0, HEAD_DIM).load([q_row, 0])
+        q1 = q0
+        kd0 = _tile_desc(k_base, seqlen_k, stride_kt, BLOCK_N, D0, HEAD_DIM)
+        vd0 = _tile_desc(v_base, seqlen_k, stride_vt, BLOCK_N, D0, HEAD_DIM)
+        kd1 = kd0
+        vd1 = vd0
+        if HAS_TAIL:
+            q1 = _tile_desc(q_ptr + h * stride_qh, total_q, stride_qt, BLOCK_M, D1, HEAD_DIM).load([q_row, D0])
+            kd1 = _tile_desc(k_base, seqlen_k, stride_kt, BLOCK_N, D1, HEAD_DIM)
+            vd1 = _tile_desc(v_base, seqlen_k, stride_vt, BLOCK_N, D1, HEAD_DIM)
+        hi = tl.where(pid_m * BLOCK_M < seqlen_q, seqlen_k, 0)  # past the end: no key blocks, no stores
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            acc0, acc1, m_i, l_i = _fwd_block_tma(acc0, acc1, m_i, l_i, q0, q1, kd0, kd1, vd0, vd1, start_n,
+                                                  seqlen_k, qk_scale, IEEE, BLOCK_N, D0, HAS_TAIL)
+    else:
+        q_base = q_ptr + q_start.to(tl.int64) * stride_qt + h * stride_qh
+        q0, q1 = _load_rows(q_base, offs_m, stride_qt, m_mask, True, HEAD_DIM, D0, D1, HAS_TAIL)
+        n_full = seqlen_k - seqlen_k % BLOCK_N  # full key blocks need no masking
+        for start_n in range(0, n_full, BLOCK_N):
+            acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, seqlen_k,
+                                              stride_kt, stride_vt, qk_scale, False, IEEE, BLOCK_N,
+                                              HEAD_DIM, D0, D1, HAS_TAIL)
+        if n_full < seqlen_k:
+            acc0, acc1, m_i, l_i = _fwd_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, n_full, seqlen_k,
+                                              stride_kt, stride_vt, qk_scale, True, IEEE, BLOCK_N,
+                                              HEAD_DIM, D0, D1, HAS_TAIL)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no keys: l = 0 and acc = 0, so O = 0
     inv_l = 1.0 / l_safe
@@ -490,6 +595,53 @@ def _strides(x):
     return x.stride(0) // STRIDE_ALIGN.value, x.stride(1) // STRIDE_ALIGN.value
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
+def _ws_device(device) -> bool:
+    """A GPU and compiler the warp-specialized forward was verified for (see the header)."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == WS_CAPABILITY_MAJOR
+            and _triton_version() >= WS_MIN_TRITON)
+
+
+def _tma_layout(*tensors) -> bool:
+    """TMA's rules for [T, H, D] operands: base address and strides multiples of 16 bytes, unit
+    stride along D (the descriptor's box starts at row starts: token and head offsets)."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0
+               and all(s * t.element_size() % TMA_ALIGN == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _ws_mode(q, k, v) -> int:
+    """WS_OFF / WS_CANDIDATE / WS_ONLY for these operands (after _rows): the autotuner key argument
+    that lets the pruner keep the warp-specialized configs."""
+    if FORCE_WARP_SPECIALIZE is False or not _tma_layout(q, k, v):
+        return WS_OFF
+    if FORCE_WARP_SPECIALIZE:
+        return WS_ONLY
+    return WS_CANDIDATE if q.element_size() == 2 and _ws_device(q.device) else WS_OFF
+
+
+def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    """triton's global scratch (device-side TMA descriptors) from PyTorch's caching allocator, on the
+    current device and stream, as triton launches (its blocks are 512-byte aligned)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Install _torch_allocator with triton.set_allocator unless an allocator is already set. Triton
+    keeps it in a ContextVar: set for this thread (context), for every later triton launch there."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # a triton without these internals: install ours
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_allocator)
+
+
 def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, store_lse=True):
     """Packed q [Tq, H, D], k, v [Tk, H, D] -> (o [Tq, H, D], lse [H, Tq] float32, log2 units).
     store_lse=False (inference): the LSE is neither allocated nor written; lse comes back empty."""
@@ -502,10 +654,13 @@ def attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, store_lse=True):
                            dtype=torch.float32))
     o = torch.empty((total_q, heads, head_dim), device=q.device, dtype=q.dtype)  # [Tq, H, D]
     lse = torch.empty((heads, total_q) if store_lse else (0,), device=q.device, dtype=torch.float32)  # [H, Tq]
+    ws_mode = _ws_mode(q, k, v)
+    if ws_mode != WS_OFF and q.device.type == "cuda":
+        _ensure_allocator()
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_q, cu_k, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        heads, total_q, max_q, scale * LOG2E, _bucket(max_q), _bucket(max_k),
+        heads, total_q, max_q, scale * LOG2E, _bucket(max_q), _bucket(max_k), ws_mode,
         IEEE=q.dtype == torch.float32, STORE_LSE=store_lse, **_head_split(head_dim),
     )
     return o, lse

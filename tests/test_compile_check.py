@@ -2,9 +2,10 @@
 
 The fast subset compiles, with the installed triton and its bundled ptxas (no GPU, no driver),
 every config the autotuner would try for: So400m attention at head dim 72 (forward and dq at
-N = 256; forward, dK/dV and dq for the MAP probe), the So400m MLP's dh GEMM (GELU-gradient
-epilogue), the sigmoid loss without gradients at D = 768. It must exit 0: every (kernel, shape)
-has a spill-free candidate on wgmma (the probe: on any tensor-core path).
+N = 256, the warp-specialized forward configs included; forward, dK/dV and dq for the MAP probe),
+the So400m MLP's dh GEMM (GELU-gradient epilogue), the sigmoid loss without gradients at
+D = 768. It must exit 0: every (kernel, shape) has a spill-free candidate on wgmma (the probe: on
+any tensor-core path).
 """
 
 import importlib.util
@@ -60,6 +61,52 @@ def test_loop_schedule_from_ttgir(pendings, overlap):
     assert cc.schedule_text({**got}) == f"async loads, 2 buf {overlap}"
 
 
+WS_TTGIR = """\
+module attributes {"ttg.num-ctas" = 1 : i32, "ttg.num-warps" = 4 : i32, ttg.target = "cuda:90"} {
+    ttg.warp_specialize(%a, %b) attributes {requestedRegisters = array<i32: 232, 232>}
+    default {
+      %r = scf.for %i = %c0 to %n step %c64 iter_args(%x = %z) -> (i64)  : i32 {
+        ttng.async_tma_copy_global_to_local %kd[%i, %c0] %buf, %bar, %true : !tt.tensordesc<tensor<64x64xbf16>>
+        scf.yield %x : i64
+      }
+      ttg.warp_yield
+    }
+    partition0(%a0: i32, %b0: i32) num_warps(4) {
+      %r:2 = scf.for %i = %c0 to %n step %c64 iter_args(%x = %z) -> (tensor<64x64xf32, #mma>) {
+        ttng.wait_barrier %bar, %p : !ttg.memdesc<1xi64, #shared, #smem, mutable>
+        %d = ttng.warp_group_dot %q, %k, %acc {inputPrecision = 0 : i32, isAsync = true} : x
+        %e = ttng.warp_group_dot %p, %v, %acc2 {inputPrecision = 0 : i32, isAsync = true} : x
+        scf.yield %e : tensor<64x64xf32, #mma>
+      }
+      ttg.warp_return
+    }
+    partition1(%a1: i32, %b1: i32) num_warps(4) {
+      %r:2 = scf.for %i = %c0 to %n step %c64 iter_args(%x = %z) -> (tensor<64x64xf32, #mma>) {
+        %d = ttng.warp_group_dot %q, %k, %acc {inputPrecision = 0 : i32, isAsync = true} : x
+        %e = ttng.warp_group_dot %p, %v, %acc2 {inputPrecision = 0 : i32, isAsync = true} : x
+        scf.yield %e : tensor<64x64xf32, #mma>
+      }
+      ttg.warp_return
+    } : (i32, i32, !ttg.memdesc<3x64x64xbf16, #shared, #smem, mutable>) -> ()
+}
+"""
+
+
+def test_warp_specialization_from_ttgir():
+    cc = _load()
+    ws = cc.warp_specialization(WS_TTGIR)
+    assert [(p["name"], p["role"], p["warps"], p["dots"]) for p in ws["partitions"]] == [
+        ("default", "producer", 4, 0), ("partition0", "consumer", 4, 2), ("partition1", "consumer", 4, 2)]
+    assert ws["requested_regs"] == [232, 232]
+    got = cc.loop_schedule(WS_TTGIR)
+    assert got["warp_specialized"] == ws and got["async_loads"] and got["stages"] == 3
+    assert cc.schedule_text(got) == "warp-specialized: 1 producer + 2 consumers (232 regs), async loads, 3 buf"
+    assert cc.warp_specialization(TTGIR) is None and cc.loop_schedule(TTGIR)["warp_specialized"] is None
+    # gated configs: the warp-specialized attention forward is compiled for sm_90 only
+    assert cc.arch_allows({"WARP_SPECIALIZE": True}, 90) and not cc.arch_allows({"WARP_SPECIALIZE": True}, 100)
+    assert cc.arch_allows({"BLOCK_M": 128}, 100)
+
+
 def test_verdict():
     cc = _load()
     ok = {"path": "wgmma", "regs": 200, "spill_bytes": 0, "smem": 100_000}
@@ -103,3 +150,10 @@ def test_fast_subset_compiles_spill_free_on_hopper(tmp_path):
         if r["kernel"] in ("_matmul_kernel", "_sigmoid_loss_block_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel"):
             wgmma = "probe" not in r["case"] and not r["config"].startswith("M16 ")
             assert r["path"] == ("wgmma" if wgmma else "mma.sync") and r["async_loads"] and r["stages"] >= 2, r
+    # The warp-specialized forward configs (sm_90 gate) are candidates at N = 256 (not for the
+    # probe's one query) and compile to 1 TMA producer + 2 consumer warp groups, spill-free.
+    ws = [r for r in results if r["config"].endswith(" ws")]
+    assert ws and all(r["kernel"] == "_attn_fwd_kernel" and "probe" not in r["case"] for r in ws)
+    for r in ws:
+        roles = [p["role"] for p in r["warp_specialized"]["partitions"]]
+        assert sorted(roles) == ["consumer", "consumer", "producer"] and r["usable"], r

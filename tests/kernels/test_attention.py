@@ -9,7 +9,9 @@ On CPU the kernels run through the Triton interpreter (float32 and float16, tiny
 2); bfloat16 and real lengths (up to 4096) need CUDA.
 """
 
+import contextvars
 import importlib
+import math
 
 import pytest
 import torch
@@ -400,3 +402,158 @@ def test_gpu_offsets_past_int32():
         for name, a, e in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (o_ref, *grads_ref)):
             err = (a[rows].float() - e).abs().max().item()
             assert err <= 2e-2 * max(1.0, e.abs().max().item()), f"sequence {b} {name}: max error {err:.3e}"
+
+
+# --- the warp-specialized forward (descriptor body; gated to sm_90 on a GPU) ---------------------
+
+kernel_module = importlib.import_module("fastsiglip.kernels.attention")
+
+
+@pytest.fixture
+def force_ws(monkeypatch):
+    """Only the warp-specialized forward configs (the interpreter has no device to gate on)."""
+    monkeypatch.setattr(kernel_module, "FORCE_WARP_SPECIALIZE", True)
+
+
+def ws_forward(q, k, v, lens_q, lens_k, max_q=None, max_k=None):
+    """attention_fwd's (o, lse) and whether the warp-specialized body ran."""
+    max_q, max_k = max_q or max(lens_q), max_k or max(lens_k)
+    o, lse = kernel_module.attention_fwd(q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), max_q, max_k,
+                                         q.shape[-1] ** -0.5)
+    return o, lse, bool(kernel_module._attn_fwd_kernel.best_config.kwargs.get("WARP_SPECIALIZE"))
+
+
+def check_forward(fa_rule, q, k, v, lens_q, lens_k, o, lse):
+    """o against the reference (FA rule), lse against log2(sum exp) of the scaled scores."""
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    scale = q.shape[-1] ** -0.5
+    exact = reference.attention(q.double(), k.double(), v.double(), cu_q, cu_k, softmax_scale=scale)
+    fa_rule("o", o, exact, reference.attention(q, k, v, cu_q, cu_k, softmax_scale=scale))
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lq and lk:
+            s = torch.einsum("qhd,khd->hqk", q[rq].double(), k[rk].double()) * scale
+            torch.testing.assert_close(lse[:, rq].double(), torch.logsumexp(s, -1) / math.log(2), rtol=1e-4, atol=1e-4)
+
+
+WS_LENS_Q, WS_LENS_K = [5, 33, 70, 1, 0], [7, 33, 0, 64, 3]  # partial and full tiles, no keys, no queries
+
+
+def strided_qkv(lens_q, lens_k, heads, head_dim, dtype):
+    """q, k, v as views of one [T, 3, H, D] projection (token stride 3 H D), as the model has them."""
+    x = make_qkv((max(sum(lens_q), sum(lens_k)), 3, heads, head_dim), (1,))[0].to(dtype)
+    return x[:sum(lens_q), 0], x[:sum(lens_k), 1], x[:sum(lens_k), 2]
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.float16, 72), (torch.float16, 80),
+                                            (torch.float16, 96), (torch.float16, 128), (torch.float32, 64),
+                                            (torch.float32, 72)])
+def test_warp_specialized_forward(fa_rule, force_ws, dtype, head_dim):
+    """The descriptor body over packed, strided q, k, v: empty sequences, more keys than queries
+    and the other way round, every head-dim split (tail 8 of 16 wide at 72)."""
+    q, k, v = strided_qkv(WS_LENS_Q, WS_LENS_K, 2, head_dim, dtype)
+    o, lse, ws = ws_forward(q, k, v, WS_LENS_Q, WS_LENS_K)
+    assert ws, "the warp-specialized config did not run"
+    check_forward(fa_rule, q, k, v, WS_LENS_Q, WS_LENS_K, o, lse)
+    assert torch.all(o[38:108] == 0), "a sequence without keys must output zeros"
+
+
+def test_warp_specialized_upper_bounds_and_gradients(fa_rule, force_ws):
+    """max_seqlen above every length (programs past the end of their sequence run no key block and
+    store nothing), and the LSE it writes feeding the (pointer) backward."""
+    lens = [3, 65, 0, 20]
+    qkv, cu, _ = packed_inputs(lens, lens, 2, 72)
+    q, k, v = (t.half() for t in qkv)
+    o, lse, ws = ws_forward(q, k, v, lens, lens, max_q=130, max_k=129)
+    assert ws
+    check_forward(fa_rule, q, k, v, lens, lens, o, lse)
+    check(fa_rule, qkv, torch.float16, cu, cu, max_seqlen_q=130, max_seqlen_k=129)
+    assert kernel_module._attn_fwd_kernel.best_config.kwargs.get("WARP_SPECIALIZE")
+
+
+def test_warp_specialized_needs_tma_layout(fa_rule, force_ws):
+    """An operand whose base address is not 16-byte aligned cannot be read through TMA: the pointer
+    body runs (WS_MODE is in the autotuner's key, so the aligned call's choice is not reused)."""
+    lens = [5, 33]
+    q, k, v = strided_qkv(lens, lens, 2, 64, torch.float16)
+    assert ws_forward(q, k, v, lens, lens)[2]
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)
+    q_odd = flat[1:].view(q.shape)  # 2 bytes past an aligned address
+    q_odd.copy_(q)
+    assert q_odd.data_ptr() % 16 != 0
+    o, lse, ws = ws_forward(q_odd, k, v, lens, lens)
+    assert not ws
+    check_forward(fa_rule, q_odd, k, v, lens, lens, o, lse)
+
+
+def test_warp_specialized_gate(monkeypatch):
+    """_ws_mode: candidates only on sm_90 with a new enough triton, 16-bit operands, TMA layout."""
+    bf16 = torch.empty(64, 2, 64, device="meta", dtype=torch.bfloat16)
+    assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_OFF  # meta / CPU: no GPU
+    monkeypatch.setattr(kernel_module, "_ws_device", lambda device: True)
+    assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_CANDIDATE
+    fp32 = bf16.float()
+    assert kernel_module._ws_mode(fp32, fp32, fp32) == kernel_module.WS_OFF
+    odd_base = torch.empty(64 * 128 + 1, device="meta", dtype=torch.bfloat16)[1:].view(64, 2, 64)
+    odd_stride = torch.empty(64, 2, 68, device="meta", dtype=torch.bfloat16)[..., :64]  # 136-byte rows
+    for bad in (odd_base, odd_stride):
+        assert kernel_module._ws_mode(bf16, bad, bf16) == kernel_module.WS_OFF
+    monkeypatch.setattr(kernel_module, "FORCE_WARP_SPECIALIZE", False)
+    assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_OFF
+    monkeypatch.setattr(kernel_module, "FORCE_WARP_SPECIALIZE", True)
+    assert kernel_module._ws_mode(fp32, fp32, fp32) == kernel_module.WS_ONLY
+
+
+def test_warp_specialized_device_rule(monkeypatch):
+    """Compute capability 9.x only (sm_100 untested), and triton >= WS_MIN_TRITON."""
+    cuda = torch.device("cuda", 0)
+    for capability, allowed in (((9, 0), True), ((10, 0), False), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert kernel_module._ws_device(cuda) is allowed
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(kernel_module.triton, "__version__", "3.5.1")
+    assert not kernel_module._ws_device(cuda)
+    assert not kernel_module._ws_device(torch.device("cpu"))
+
+
+def test_warp_specialized_pruning():
+    """WS_MODE picks the configs: none warp-specialized (off), both kinds (candidate), only them."""
+    prune = kernel_module._pruner(kernel_module._FWD_16BIT, kernel_module._FWD_FP32)["early_config_prune"]
+    configs = kernel_module._attn_fwd_kernel.configs
+    q = torch.empty(8, 2, 64, device="meta", dtype=torch.float16)
+    args = {"D0": 64, "D1": 16, "HAS_TAIL": False, "MAX_Q_BUCKET": 256}
+
+    def kinds(mode):
+        return {bool(c.kwargs.get("WARP_SPECIALIZE")) for c in prune(configs, {"q_ptr": q}, **args, WS_MODE=mode)}
+    assert kinds(kernel_module.WS_OFF) == {False}
+    assert kinds(kernel_module.WS_ONLY) == {True}
+    assert kinds(kernel_module.WS_CANDIDATE) == {False, True}
+
+
+def test_allocator_installed_once_and_not_over_a_callers():
+    """_ensure_allocator installs the torch-backed allocator where none is set, and keeps one the
+    caller set (triton keeps it in a ContextVar: run in fresh contexts)."""
+    from triton.runtime import _allocation
+
+    def installed(preset):
+        if preset is not None:
+            kernel_module.triton.set_allocator(preset)
+        kernel_module._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(installed, None) is kernel_module._torch_allocator
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    assert contextvars.Context().run(installed, mine) is mine
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128])
+def test_gpu_warp_specialized(fa_rule, force_ws, dtype, head_dim):
+    """On sm_90 the warp-specialized forward alone, at real lengths (elsewhere it never runs)."""
+    if torch.cuda.get_device_capability()[0] != kernel_module.WS_CAPABILITY_MAJOR:
+        pytest.skip("the warp-specialized forward runs on sm_90 only")
+    qkv, cu, _ = packed_inputs(GPU_LENS, GPU_LENS, 2, head_dim)
+    o, _ = check(fa_rule, qkv, dtype, cu, cu, max_seqlen_q=4096, max_seqlen_k=4096)
+    assert kernel_module._attn_fwd_kernel.best_config.kwargs.get("WARP_SPECIALIZE")
