@@ -122,7 +122,8 @@ def attention_cases(fast):
         def gated():
             from unittest import mock
 
-            with mock.patch.object(att, "_ws_device", lambda device: True):
+            with mock.patch.object(att, "_ws_device", lambda device: True), \
+                    mock.patch.object(att, "_ws_enabled", lambda: True):
                 run()
         return gated
 

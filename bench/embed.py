@@ -31,9 +31,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import fastsiglip
-from safetensors.torch import load_file
 from fastsiglip import api, config as config_lib
 from fastsiglip.model import build
 from fastsiglip.processing import ImageProcessor, Processor
@@ -93,6 +93,47 @@ def model_rate(model, batch: int, size: int, device, iters: int = 3) -> float:
     return batch * iters / (time.perf_counter() - start)
 
 
+def unavailable_modes(modes, device) -> dict[str, str]:
+    """Decode modes this machine cannot run, with why."""
+    if "gpu" not in modes:
+        return {}
+    if device.type != "cuda":
+        return {"gpu": "--decode gpu needs the model on CUDA"}
+    from fastsiglip import gpu_decode
+
+    try:
+        gpu_decode.torchvision_decoder(device)
+    except ImportError as e:
+        return {"gpu": str(e)}
+    return {}
+
+
+def report_row(args, decode, workers, seconds, same, emb, first, rows) -> dict:
+    """The row of one configuration (median of its runs), printed."""
+    median = statistics.median(seconds)
+    row = {"decode": decode, "workers": workers, "images_per_s": args.images / median, "seconds": median,
+           "seconds_each": seconds, "bit_identical_to_first": same}
+    extra = ""
+    if decode != "exact" and "exact" in first:
+        cosine = (emb * first["exact"]).sum(-1)
+        row.update(cosine_min=cosine.min().item(), cosine_mean=cosine.mean().item())
+        extra = f"; cosine to exact: min {row['cosine_min']:.5f}, mean {row['cosine_mean']:.5f}"
+    speedup = row["images_per_s"] / (rows[0] if rows else row)["images_per_s"]
+    print(f"{decode:5s} workers {workers:2d}: {row['images_per_s']:10.1f} images/s end to end  "
+          f"({speedup:.2f}x the first row; embeddings {'identical' if same else 'DIFFER'}{extra})", flush=True)
+    return row
+
+
+def write_json(args, device, ceiling, rows) -> None:
+    if not args.json:
+        return
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    pathlib.Path(args.json).write_text(json.dumps({
+        "device": str(device), "device_name": name, "torch": torch.__version__, "preset": args.preset,
+        "tiny": args.tiny, "images": args.images, "photos": str(args.photos) if args.photos else None,
+        "batch_size": args.batch_size, "model_images_per_s": ceiling, "rows": rows}, indent=1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
@@ -120,7 +161,8 @@ def main(argv=None) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
     model, processor = bench_model(args, device, dtype)
     size = processor.image_processor.size[0]
-    rows, first, identical, last = [], {}, {}, {}
+    rows, first, identical = [], {}, {}
+    skipped = unavailable_modes(args.decode, device)
     with tempfile.TemporaryDirectory(prefix="fastsiglip-bench-embed-") as tmp:
         folder = pathlib.Path(tmp) / "photos"
         folder.mkdir()
@@ -134,11 +176,11 @@ def main(argv=None) -> int:
               f"{torch.get_num_threads()} torch threads, batch {args.batch_size}, {args.images} {what}, "
               f"fastsiglip {fastsiglip.__version__}")
         print(f"model only: {ceiling:10.1f} images/s")
-        configs = [(d, w) for d in args.decode if d != "gpu" or device.type == "cuda" for w in args.workers]
-        if "gpu" in args.decode and device.type != "cuda":
-            print("gpu   skipped: --decode gpu needs the model on CUDA")
+        configs = [(d, w) for d in args.decode if d not in skipped for w in args.workers]
+        for decode, why in skipped.items():
+            print(f"{decode:5s} skipped: {why}")
         seconds = {c: [] for c in configs}
-        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every config
+        for repeat in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every config
             for decode, workers in configs:
                 out = pathlib.Path(tmp) / f"{decode}-w{workers}.safetensors"
                 start = time.perf_counter()
@@ -148,28 +190,10 @@ def main(argv=None) -> int:
                 emb = load_file(str(out))["embeddings"]
                 same = bool(torch.equal(emb, first.setdefault(decode, emb)))
                 identical[decode, workers] = identical.get((decode, workers), True) and same
-                last[decode, workers] = emb
-        for decode, workers in configs:
-            median = statistics.median(seconds[decode, workers])
-            same = identical[decode, workers]
-            row = {"decode": decode, "workers": workers, "images_per_s": args.images / median, "seconds": median,
-                   "seconds_each": seconds[decode, workers], "bit_identical_to_first": same}
-            extra = ""
-            if decode != "exact" and "exact" in first:
-                cosine = (last[decode, workers] * first["exact"]).sum(-1)
-                row.update(cosine_min=cosine.min().item(), cosine_mean=cosine.mean().item())
-                extra = f"; cosine to exact: min {row['cosine_min']:.5f}, mean {row['cosine_mean']:.5f}"
-            rows.append(row)
-            speedup = row["images_per_s"] / rows[0]["images_per_s"]
-            print(f"{decode:5s} workers {workers:2d}: {row['images_per_s']:10.1f} images/s end to end  "
-                  f"({speedup:.2f}x the first row; embeddings {'identical' if same else 'DIFFER'}{extra})",
-                  flush=True)
-    if args.json:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
-        pathlib.Path(args.json).write_text(json.dumps({
-            "device": str(device), "device_name": name, "torch": torch.__version__, "preset": args.preset,
-            "tiny": args.tiny, "images": args.images, "photos": str(args.photos) if args.photos else None,
-            "batch_size": args.batch_size, "model_images_per_s": ceiling, "rows": rows}, indent=1))
+                if repeat == args.repeat - 1:  # its last run: the row is complete (a cut run keeps what finished)
+                    rows.append(report_row(args, decode, workers, seconds[decode, workers], identical[decode, workers],
+                                           emb, first, rows))
+                    write_json(args, device, ceiling, rows)
     return 0 if all(r["bit_identical_to_first"] for r in rows) else 1
 
 

@@ -47,7 +47,7 @@ if [ -z "${SKIP_INSTALL:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # 2. The GPU tests (bf16, real sizes).
-step gpu-tests "${STEP_TESTS:-100}" $PY -m pytest -m gpu -q -x -p no:cacheprovider tests
+step gpu-tests "${STEP_TESTS:-95}" $PY -m pytest -m gpu -q -x -p no:cacheprovider tests
 
 # 3. The ahead-of-time compile check for this GPU's generation (no cache: a fresh machine).
 ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(100 if c[0] >= 10 else 90)")
@@ -56,18 +56,22 @@ step compile-check "${STEP_COMPILE:-90}" env FASTSIGLIP_COMPILE_CACHE="$WORK/com
 
 # 4. The pytest-benchmark suite: one shape per family first (the README's), eager and peers
 #    before torch.compile (whose compiles take longest); then the rest if time remains.
-step bench-quick "${STEP_BENCH_QUICK:-110}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
+step bench-quick "${STEP_BENCH_QUICK:-95}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
     -k "not torch.compile" --benchmark-json "$WORK/results/kernels-quick.json"
-step bench-compile "${STEP_BENCH_COMPILE:-40}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
+step bench-compile "${STEP_BENCH_COMPILE:-30}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
     -k "torch.compile" --benchmark-json "$WORK/results/kernels-compile.json"
+# The warp-specialized attention forward (opt-in until this session shows it works): the same
+# quick shapes with it offered to the autotuner, against bench-quick's fastsiglip rows.
+step bench-ws "${STEP_WS:-20}" env FASTSIGLIP_WARP_SPECIALIZE=1 $PY -m pytest bench/ --benchmark-only --quick -q \
+    -p no:cacheprovider -k "attention and fastsiglip and not bwd" --benchmark-json "$WORK/results/kernels-ws.json"
 
 # 5. The scripts' floors and ratios (trimmed to fit; each writes its own results file).
 step bench-loss "${STEP_LOSS:-40}" $PY bench/sigmoid_loss.py --dims 768 --batches 16384 65536 --chunks \
     --out-dir "$WORK/results"
-step bench-e2e "${STEP_E2E:-40}" $PY bench/end_to_end.py --presets siglip2-base-patch16-224 --no-compile \
+step bench-e2e "${STEP_E2E:-35}" $PY bench/end_to_end.py --presets siglip2-base-patch16-224 --no-compile \
     --out-dir "$WORK/results"
 # 6. `fastsiglip embed` end to end: CPU decoding workers against nvjpeg (--decode gpu, needs torchvision).
-step bench-embed "${STEP_EMBED:-30}" $PY bench/embed.py --preset siglip2-base-patch16-224 --device cuda \
+step bench-embed "${STEP_EMBED:-35}" $PY bench/embed.py --preset siglip2-base-patch16-224 --device cuda \
     --images 1024 --batch-size 128 --workers 4 16 --decode exact gpu --json "$WORK/results/embed.json"
 
 # 7. The report of what landed, printed (README.md is rebuilt where the results are committed).

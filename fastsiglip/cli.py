@@ -383,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--workers", type=int, help="decoding processes (default: the CPU cores; 0: decode in "
                        "the main process, one image at a time)")
     embed.add_argument("--decode", choices=("exact", "draft", "gpu"), default="exact", help="draft: JPEGs decoded "
-                       "at a reduced scale (Pillow draft mode) before the exact resize (FixRes checkpoints); gpu: "
+                       "at a reduced scale (Pillow draft mode) before the exact resize (FixRes checkpoints; faster); gpu: "
                        "JPEGs decoded (nvjpeg, needs torchvision) and resized on the model's CUDA device, other "
-                       "images exactly on the CPU. Both faster, embeddings close but not equal (see README)")
+                       "images exactly on the CPU (takes decoding off the CPU; not yet timed). Embeddings close "
+                       "but not equal (see README)")
     embed.add_argument("--image-column", default="image", help="manifests: the column of image paths "
                        "(default: %(default)s)")
     _output_options(embed, "files")

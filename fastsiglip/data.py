@@ -519,7 +519,9 @@ class ImageBatches(torch.utils.data.Dataset):
     compact batch {"pixels", [NaFlex: "pixel_attention_mask", "spatial_shapes"], "keys", "bad"}:
     unreadable images are left out and listed in `bad` as (key, error); no "pixels" when none
     could be read. For `fastsiglip embed` (each image decoded once, in file order). draft: see
-    Pairs.read."""
+    Pairs.read. The arrays are numpy: a DataLoader pickles them through its pipe, where each
+    torch tensor would hold a shared-memory file descriptor in the main process while it waits
+    there (thousands with many workers and small items); `merge` makes the torch batch."""
 
     def __init__(self, pairs: Pairs, codec: PixelCodec, *, batch_size: int, indices: list[int] | None = None,
                  draft: tuple[int, int] | None = None):
@@ -539,7 +541,7 @@ class ImageBatches(torch.utils.data.Dataset):
                 bad.append((self.pairs.records[index].key, str(e)))
                 continue
             keys.append(key)
-        batch = self.codec.collate(arrays) if arrays else {}
+        batch = {name: t.numpy() for name, t in self.codec.collate(arrays).items()} if arrays else {}
         batch.update(keys=keys, bad=bad)
         return batch
 
@@ -595,15 +597,22 @@ def regroup(items, per_batch: int, *, pin_memory: bool = False):
 
 
 def merge(parts: list[dict], pin_memory: bool = False) -> dict:
+    """Items of one dataset as one: lists concatenated; arrays (numpy or torch) concatenated along
+    the batch dimension into one torch tensor, written straight into pinned memory for CUDA."""
     fields: dict[str, list] = {}
-    for part in parts:  # a part whose images all failed has no tensors, only its lists
+    for part in parts:  # a part whose images all failed has no arrays, only its lists
         for name, value in part.items():
             fields.setdefault(name, []).append(value)
     merged = {}
     for name, values in fields.items():
-        if isinstance(values[0], torch.Tensor):
-            tensor = torch.cat(values) if len(values) > 1 else values[0]
-            merged[name] = tensor.pin_memory() if pin_memory else tensor
+        if isinstance(values[0], (np.ndarray, torch.Tensor)):
+            tensors = [torch.as_tensor(v) for v in values]  # numpy: no copy
+            if len(tensors) == 1 and not pin_memory:
+                merged[name] = tensors[0]
+                continue
+            shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
+            out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin_memory)
+            merged[name] = torch.cat(tensors, out=out)
         else:
             merged[name] = [x for v in values for x in v]
     return merged

@@ -31,6 +31,7 @@ part of an embedding job's identity, as every decode mode is.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from .processing import EXIF_ORIENTATION, RESAMPLE_NAMES, ImageLoadError, load_i
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Image.open raises
 
 RESIZE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL filter number -> torch's antialiased interpolate mode
+# Pixels decoded at full resolution at once (a group of one decode_jpeg call): 3 bytes each, so
+# 400 MB of GPU memory, a hundred 4 MP photos, before each is resized to the model's size.
+MAX_DECODE_PIXELS = 2**27
 
 
 def check_supported(codec: PixelCodec, device) -> None:
@@ -83,9 +87,9 @@ def _is_plain_jpeg(image: Image.Image) -> bool:
 
 class JpegBatches(torch.utils.data.Dataset):
     """Item i -> the images of records indices[i b : (i + 1) b] of `pairs`, for GpuDecoder:
-    {"items": [(key, where, "jpeg", the file's bytes) or (key, where, "pixels", PixelCodec.encode's
-     array)], "bad": [(key, error)]}, items in record order, unreadable images only in `bad`;
-    `where` names the image in error messages (Pairs.where)."""
+    {"items": [(key, where, kind, payload)]} in record order, kind "jpeg" (payload: the file's
+    bytes and its pixel count), "pixels" (PixelCodec.encode's array, decoded exactly here) or
+    "bad" (payload: the error); `where` names the image in error messages (Pairs.where)."""
 
     def __init__(self, pairs: Pairs, codec: PixelCodec, *, batch_size: int, indices: list[int] | None = None):
         self.pairs, self.codec, self.batch_size = pairs, codec, batch_size
@@ -95,15 +99,15 @@ class JpegBatches(torch.utils.data.Dataset):
         return -(-len(self.indices) // self.batch_size)
 
     def __getitem__(self, i: int) -> dict:
-        items, bad = [], []
+        items = []
         for index in self.indices[i * self.batch_size:(i + 1) * self.batch_size]:
+            key, where = self.pairs.records[index].key, self.pairs.where(index)
             try:
-                key, data = self.pairs.read_bytes(index)
-                where = self.pairs.where(index)
+                _, data = self.pairs.read_bytes(index)
                 items.append((key, where, *self._route(where, data)))
             except ImageLoadError as e:
-                bad.append((self.pairs.records[index].key, str(e)))
-        return {"items": items, "bad": bad}
+                items.append((key, where, "bad", str(e)))
+        return {"items": items}
 
     def _route(self, where: str, data: bytes) -> tuple[str, object]:
         try:
@@ -113,7 +117,7 @@ class JpegBatches(torch.utils.data.Dataset):
         if _is_plain_jpeg(image):
             # bytes, not a tensor: the DataLoader would give every tensor its own shared-memory
             # file descriptor, thousands of them in flight with many workers and large batches
-            return "jpeg", data
+            return "jpeg", (data, image.width * image.height)
         try:
             return "pixels", self.codec.encode(load_image(image))
         except ImageLoadError as e:
@@ -128,31 +132,34 @@ def _unreadable(where: str, error: Exception) -> ImageLoadError:
 
 class GpuDecoder:
     """A JpegBatches item -> the compact batch of `PixelCodec.collate_tensors` on `device`, plus
-    "keys" (the images in it, in order) and "bad" (the item's, plus JPEGs no decoder could read).
+    "keys" (the images in it, in order) and "bad" [(key, error)] (in order: unreadable files and
+    JPEGs no decoder could read).
 
     decode: list of byte tensors -> list of uint8 [3, h, w] on `device`, raising RuntimeError
-    when any fails (torchvision's decode_jpeg behaviour); default: torchvision_decoder(device)."""
+    when any fails (torchvision's decode_jpeg behaviour); default: torchvision_decoder(device).
+    JPEGs are decoded in groups of at most MAX_DECODE_PIXELS, each image resized as soon as its
+    group is decoded, so a batch of large photos never sits on the GPU at full resolution."""
 
     def __init__(self, codec: PixelCodec, device, decode=None):
         self.codec, self.device = codec, torch.device(device)
         self.mode = RESIZE_MODES.get(codec.processor.resample)
         self.decode = decode if decode is not None else torchvision_decoder(self.device)
+        self.fallbacks = 0  # JPEGs `decode` rejected that Pillow read instead
 
     def __call__(self, item: dict) -> dict:
-        items, bad = item["items"], list(item["bad"])
+        items = item["items"]
         jpegs = [i for i, (_, _, kind, _) in enumerate(items) if kind == "jpeg"]
-        datas = [torch.frombuffer(bytearray(items[i][3]), dtype=torch.uint8) for i in jpegs]
-        decoded = dict(zip(jpegs, self._decode_all(datas, [items[i][1] for i in jpegs])))
-        keys, tensors = [], []
+        decoded = {}
+        for group in _groups(jpegs, [items[i][3][1] for i in jpegs], MAX_DECODE_PIXELS):
+            datas = [torch.frombuffer(bytearray(items[i][3][0]), dtype=torch.uint8) for i in group]
+            decoded.update(zip(group, self._decode_all(datas, [items[i][1] for i in group])))
+        keys, tensors, bad = [], [], []
         for i, (key, _, kind, payload) in enumerate(items):
-            if kind == "jpeg":
-                pixels = decoded[i]
-                if isinstance(pixels, ImageLoadError):
-                    bad.append((key, str(pixels)))
-                    continue
-                tensors.append(self.codec.patches(pixels))
-            else:
-                tensors.append(torch.from_numpy(payload).to(self.device))
+            pixels = decoded.get(i) if kind == "jpeg" else payload
+            if kind == "bad" or isinstance(pixels, ImageLoadError):
+                bad.append((key, str(pixels)))
+                continue
+            tensors.append(self.codec.patches(pixels) if kind == "jpeg" else torch.from_numpy(pixels).to(self.device))
             keys.append(key)
         batch = self.codec.collate_tensors(tensors) if tensors else {}
         batch.update(keys=keys, bad=bad)
@@ -161,12 +168,12 @@ class GpuDecoder:
     def _decode_all(self, datas: list[torch.Tensor], wheres: list[str]) -> list:
         """Per JPEG: uint8 [3, H, W] on the device at the model's size, or the ImageLoadError of one
         that could not be decoded or resized."""
-        if not datas:
-            return []
         try:
             images = self.decode(datas)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:  # one bad JPEG fails the whole call: decode them one by one
-            images = [self._decode_one(data) for data in datas]
+            images = [self._decode_one(data, where) for data, where in zip(datas, wheres)]
         out = []
         for image, where in zip(images, wheres):
             try:
@@ -177,16 +184,23 @@ class GpuDecoder:
                 out.append(_unreadable(where, e))
         return out
 
-    def _decode_one(self, data: torch.Tensor):
+    def _decode_one(self, data: torch.Tensor, where: str):
         """uint8 [3, h, w] on the device, by `decode` or else by Pillow; or the exception."""
         try:
             return self.decode([data])[0]
-        except RuntimeError:
-            pass
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            reason = e
         try:  # what nvjpeg rejects, Pillow may still read (the exact path's decoder)
             image = load_image(Image.open(io.BytesIO(data.numpy().tobytes())))
         except (ImageLoadError, *UNREADABLE) as e:
             return e
+        self.fallbacks += 1
+        if self.fallbacks == 1:
+            warnings.warn(f"--decode gpu: the GPU decoder could not decode {where} ({reason}); Pillow decoded it on "
+                          "the CPU instead, as it will any later such JPEG (counted, not reported again)",
+                          stacklevel=2)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(self.device)
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
@@ -204,3 +218,17 @@ class GpuDecoder:
     def _interpolate(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         resized = F.interpolate(image[None].float(), size=size, mode=self.mode, antialias=True, align_corners=False)
         return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _groups(indices: list[int], sizes: list[int], limit: int):
+    """`indices` cut, in order, into runs whose `sizes` add up to at most `limit` (an index larger
+    than the limit alone makes a run of its own)."""
+    run, total = [], 0
+    for index, size in zip(indices, sizes):
+        if run and total + size > limit:
+            yield run
+            run, total = [], 0
+        run.append(index)
+        total += size
+    if run:
+        yield run

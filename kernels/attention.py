@@ -47,9 +47,12 @@ the loop, or an early `return`, makes the pass give up or crash). So the forward
 selected by the constexpr WARP_SPECIALIZE of its configs: the pointer body above (masked tail
 block, early exit) and the descriptor body (programs past the end of their sequence run zero key
 blocks instead of returning). Both are candidates of the one autotuner, which times them on the
-GPU; the warp-specialized configs are pruned, never tried, unless _ws_mode allows them: a CUDA
-device of compute capability 9.x (sm_100 is untested), triton >= WS_MIN_TRITON, 16-bit operands,
-and the layout TMA needs (16-byte aligned base pointers and strides, unit stride along D). That
+GPU; the warp-specialized configs are pruned, never tried, unless _ws_mode allows them:
+FASTSIGLIP_WARP_SPECIALIZE=1 in the environment (off by default: this body has been compiled
+for sm_90 and run through the interpreter, never run on a GPU; tests/kernels/
+test_attention.py::test_gpu_warp_specialized is its first GPU check), an NVIDIA device of compute
+capability 9.x (sm_100 is untested), triton >= WS_MIN_TRITON, 16-bit operands, and the layout
+TMA needs (16-byte aligned base pointers and strides, unit stride along D). That
 decision is an argument of the autotuner's key, so a config chosen for aligned operands is never
 reused for unaligned ones. Device-side descriptors live in a global scratch buffer that triton
 asks `triton.set_allocator`'s allocator for at launch: attention_fwd installs a torch-backed one
@@ -62,6 +65,7 @@ descriptor body with FORCE_WARP_SPECIALIZE (float32 included; there one list ser
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -600,9 +604,17 @@ def _triton_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _ws_enabled() -> bool:
+    """FASTSIGLIP_WARP_SPECIALIZE=1: offer the warp-specialized configs (off by default until it
+    has run on a GPU; see the header)."""
+    return os.environ.get("FASTSIGLIP_WARP_SPECIALIZE") == "1"
+
+
 def _ws_device(device) -> bool:
-    """A GPU and compiler the warp-specialized forward was verified for (see the header)."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == WS_CAPABILITY_MAJOR
+    """A GPU and compiler the warp-specialized forward was verified for (see the header): NVIDIA
+    (ROCm also says "cuda", and MI200/MI300 report capability 9.x), sm_90, triton >= WS_MIN_TRITON."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] == WS_CAPABILITY_MAJOR
             and _triton_version() >= WS_MIN_TRITON)
 
 
@@ -616,7 +628,7 @@ def _tma_layout(*tensors) -> bool:
 def _ws_mode(q, k, v) -> int:
     """WS_OFF / WS_CANDIDATE / WS_ONLY for these operands (after _rows): the autotuner key argument
     that lets the pruner keep the warp-specialized configs."""
-    if FORCE_WARP_SPECIALIZE is False or not _tma_layout(q, k, v):
+    if FORCE_WARP_SPECIALIZE is False or not (FORCE_WARP_SPECIALIZE or _ws_enabled()) or not _tma_layout(q, k, v):
         return WS_OFF
     if FORCE_WARP_SPECIALIZE:
         return WS_ONLY

@@ -188,3 +188,7 @@ def test_chunks_regrouped_into_the_same_batches():
     assert [m["keys"] for m in merged] == [["0a", "0b", "1a", "1b"], ["2a", "2b"]]
     assert merged[0]["bad"] == [("x", "unreadable")] and merged[0]["pixels"].tolist() == [[0] * 3] * 2 + [[1] * 3] * 2
     assert merged[1]["pixels"] is parts[3]["pixels"]  # one part: no copy
+    # numpy parts (what ImageBatches sends through the DataLoader) come out as one torch tensor
+    arrays = [{"pixels": np.full((2, 3), i, dtype=np.uint8), "keys": [i, i]} for i in range(2)]
+    batch = data_lib.merge(arrays)
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].tolist() == [[0] * 3] * 2 + [[1] * 3] * 2

@@ -338,8 +338,8 @@ def test_decode_draft(siglip_checkpoint, model, tmp_path, capsys):
     # the PNG is untouched.
     pairs = api.image_inputs(folder)
     codec = data.PixelCodec(fastsiglip.load_processor(siglip_checkpoint).image_processor)
-    exact = data.ImageBatches(pairs, codec, batch_size=3)[0]["pixels"].float()
-    draft = data.ImageBatches(pairs, codec, batch_size=3, draft=(32, 32))[0]["pixels"].float()
+    exact = torch.from_numpy(data.ImageBatches(pairs, codec, batch_size=3)[0]["pixels"]).float()
+    draft = torch.from_numpy(data.ImageBatches(pairs, codec, batch_size=3, draft=(32, 32))[0]["pixels"]).float()
     diff = (exact - draft).abs().flatten(1).mean(1)
     assert diff[0] > 0 and diff[1] > 0 and diff[2] == 0 and diff.max() < 4, diff
     outs = {}

@@ -11,6 +11,7 @@ The test marked gpu runs the real thing (nvjpeg on CUDA) and is skipped without 
 import io
 import pathlib
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -80,19 +81,23 @@ UNREADABLE = {"rocket-truncated.jpg", "not-an-image.jpg"}
 def _both(folder, processor, decode, max_num_patches=None):
     pairs = api.image_inputs(folder)
     codec = data.PixelCodec(processor, max_num_patches)
-    exact = data.ImageBatches(pairs, codec, batch_size=len(pairs))[0]
+    exact = data.merge([data.ImageBatches(pairs, codec, batch_size=len(pairs))[0]])  # numpy -> torch
     item = gpu_decode.JpegBatches(pairs, codec, batch_size=len(pairs))[0]
     routes = {pathlib.Path(key).name: kind for key, _, kind, _ in item["items"]}
-    return exact, gpu_decode.GpuDecoder(codec, "cpu", decode=decode)(item), routes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Pillow fallback's warning: test_fallback_warns_once
+        return exact, gpu_decode.GpuDecoder(codec, "cpu", decode=decode)(item), routes
 
 
 @pytest.mark.parametrize("decoder", ["pillow", "torchvision"])
-def test_fixres_pixels_close_and_routed(folder, decoder):
+def test_fixres_pixels_close_and_routed(folder, decoder, monkeypatch):
+    monkeypatch.setattr(gpu_decode, "MAX_DECODE_PIXELS", 2_000_000)  # several decode groups
     processor = ImageProcessor(size=(224, 224), resample=3)  # SigLIP 1: bicubic
     exact, gpu, routes = _both(folder, processor, DECODERS[decoder]())
     names = [pathlib.Path(k).name for k in gpu["keys"]]
     assert gpu["keys"] == exact["keys"] and set(names) == ON_GPU | EXACT_ON_CPU | {"coffee-progressive.jpg"}
-    assert {pathlib.Path(k).name for k, _ in gpu["bad"]} == {pathlib.Path(k).name for k, _ in exact["bad"]} == UNREADABLE
+    assert [k for k, _ in gpu["bad"]] == [k for k, _ in exact["bad"]]  # in record order, as the exact path
+    assert {pathlib.Path(k).name for k, _ in gpu["bad"]} == UNREADABLE
     assert {n for n, kind in routes.items() if kind == "jpeg"} == ON_GPU | {"coffee-progressive.jpg", "rocket-truncated.jpg"}
     assert gpu["pixels"].dtype == torch.uint8 and gpu["pixels"].shape == exact["pixels"].shape
     for name, a, b in zip(names, exact["pixels"], gpu["pixels"]):
@@ -116,6 +121,19 @@ def test_naflex_patches_mask_and_shapes(folder):
     assert inputs["pixel_values"].shape == codec.to_model(exact, "cpu")["pixel_values"].shape
 
 
+def test_fallback_warns_once_and_groups_split(folder):
+    pairs = api.image_inputs(folder)
+    codec = data.PixelCodec(ImageProcessor(size=(64, 64)))
+    item = gpu_decode.JpegBatches(pairs, codec, batch_size=len(pairs))[0]
+    decoder = gpu_decode.GpuDecoder(codec, "cpu", decode=pillow_decode)
+    with pytest.warns(UserWarning, match="coffee-progressive.jpg.*Pillow decoded it") as seen:
+        decoder(item)
+        decoder(item)
+    assert len(seen) == 1 and decoder.fallbacks == 2
+    assert list(gpu_decode._groups([0, 1, 2, 3], [5, 5, 20, 1], 10)) == [[0, 1], [2], [3]]
+
+
+@pytest.mark.filterwarnings("ignore:--decode gpu. the GPU decoder")  # the progressive JPEG's fallback
 def test_embed_decode_gpu_through_the_job(siglip_checkpoint, folder, tmp_path, monkeypatch):
     """embed_files(decode="gpu") end to end on the CPU: CUDA check and nvjpeg replaced by Pillow."""
     pytest.importorskip("transformers")
@@ -133,7 +151,7 @@ def test_embed_decode_gpu_through_the_job(siglip_checkpoint, folder, tmp_path, m
         rows[mode, workers] = load_file(str(out))["embeddings"]
     exact, gpu = reports["exact", 0], reports["gpu", 0]
     assert exact["paths"] == gpu["paths"] == reports["gpu", 2]["paths"]
-    assert sorted(k for k, _ in exact["failed"]) == sorted(k for k, _ in gpu["failed"])
+    assert [k for k, _ in exact["failed"]] == [k for k, _ in gpu["failed"]]
     for (key, error), (_, exact_error) in zip(gpu["failed"], exact["failed"]):
         assert error.startswith(f"cannot read image {key!r}: ") and error.count("cannot read") == 1, error
         if key.endswith("not-an-image.jpg"):

@@ -489,9 +489,13 @@ def test_warp_specialized_needs_tma_layout(fa_rule, force_ws):
 def test_warp_specialized_gate(monkeypatch):
     """_ws_mode: candidates only on sm_90 with a new enough triton, 16-bit operands, TMA layout."""
     bf16 = torch.empty(64, 2, 64, device="meta", dtype=torch.bfloat16)
+    monkeypatch.setenv("FASTSIGLIP_WARP_SPECIALIZE", "1")
     assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_OFF  # meta / CPU: no GPU
     monkeypatch.setattr(kernel_module, "_ws_device", lambda device: True)
     assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_CANDIDATE
+    monkeypatch.delenv("FASTSIGLIP_WARP_SPECIALIZE")  # opt-in: off without it
+    assert kernel_module._ws_mode(bf16, bf16, bf16) == kernel_module.WS_OFF
+    monkeypatch.setenv("FASTSIGLIP_WARP_SPECIALIZE", "1")
     fp32 = bf16.float()
     assert kernel_module._ws_mode(fp32, fp32, fp32) == kernel_module.WS_OFF
     odd_base = torch.empty(64 * 128 + 1, device="meta", dtype=torch.bfloat16)[1:].view(64, 2, 64)
@@ -507,9 +511,14 @@ def test_warp_specialized_gate(monkeypatch):
 def test_warp_specialized_device_rule(monkeypatch):
     """Compute capability 9.x only (sm_100 untested), and triton >= WS_MIN_TRITON."""
     cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
     for capability, allowed in (((9, 0), True), ((10, 0), False), ((8, 9), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert kernel_module._ws_device(cuda) is allowed
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # an MI300 under ROCm also says cuda and 9.x
+    assert not kernel_module._ws_device(cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(kernel_module.triton, "__version__", "3.5.1")
     assert not kernel_module._ws_device(cuda)
@@ -557,3 +566,6 @@ def test_gpu_warp_specialized(fa_rule, force_ws, dtype, head_dim):
     qkv, cu, _ = packed_inputs(GPU_LENS, GPU_LENS, 2, head_dim)
     o, _ = check(fa_rule, qkv, dtype, cu, cu, max_seqlen_q=4096, max_seqlen_k=4096)
     assert kernel_module._attn_fwd_kernel.best_config.kwargs.get("WARP_SPECIALIZE")
+    # queries whose sequence has no keys (a zero-row K/V descriptor), next to ones that have some
+    qkv, cu_q, cu_k = packed_inputs([5, 300, 0, 130], [0, 257, 64, 1], 2, head_dim)
+    check(fa_rule, qkv, dtype, cu_q, cu_k, max_seqlen_q=300, max_seqlen_k=257)
