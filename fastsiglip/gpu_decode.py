@@ -6,19 +6,20 @@
 
 Who does what
   * The DataLoader workers (JpegBatches) read each image's bytes and look at its header with
-    Pillow, which decodes nothing. A JPEG that nvjpeg decodes into what the exact path sees
-    (YCbCr colour, no EXIF rotation, not an MPO) travels on as bytes.
+    Pillow, which decodes nothing. A JPEG that needs nothing but decoding and resizing (YCbCr
+    colour, no EXIF rotation, not an MPO) travels on as bytes.
     Every other image (PNG, WebP, a grayscale or CMYK JPEG, a rotated photo) is decoded and
     resized in the worker exactly as `--decode exact` does (PixelCodec.encode).
-  * The main process (GpuDecoder) decodes the JPEGs of a batch with one batched
-    `torchvision.io.decode_jpeg(..., device="cuda")` call, resizes each on the GPU with torch's
+  * The main process (GpuDecoder) decodes the JPEGs of a batch with batched
+    `torchvision.io.decode_jpeg(..., device="cuda")` calls (one per group of at most
+    MAX_DECODE_PIXELS at full resolution), resizes each on the GPU with torch's
     antialiased `interpolate` in the processor's filter (bilinear or bicubic: the antialiased
     kernels are Pillow's) and in Pillow's order (the width, rounded to uint8, then the height),
     and assembles the compact batch that
     `PixelCodec.to_model` turns into the model's inputs on the device.
-  * decode_jpeg returns nothing when one image of the list fails. The batch's JPEGs are then
+  * decode_jpeg returns nothing when one image of the list fails. The group's JPEGs are then
     decoded one at a time, and one that nvjpeg rejects is decoded by Pillow on the CPU (the
-    exact path) instead. One that Pillow cannot read either is reported unreadable, as in the
+    exact path's decoder) instead, with one warning per decoder. One that Pillow cannot read either is reported unreadable, as in the
     exact path.
 
 Not the exact path's pixels: nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's, and
