@@ -72,6 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._device import INTERPRET, check_device
 from ._library import autocast_dtype, cast, register_autocast
 
@@ -294,7 +295,7 @@ def _fwd_block_tma(acc0, acc1, m_i, l_i, q0, q1, kd0, kd1, vd0, vd1, start_n, se
     return acc0, acc1, m_new, l_i
 
 
-@triton.autotune(configs=_all(_FWD_16BIT, _FWD_FP32), key=_FWD_KEY, prune_configs_by=_pruner(_FWD_16BIT, _FWD_FP32))
+@autotune(configs=_all(_FWD_16BIT, _FWD_FP32), key=_FWD_KEY, prune_configs_by=_pruner(_FWD_16BIT, _FWD_FP32))
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
@@ -433,7 +434,7 @@ def _dkdv_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, d
     return dk0, dk1, dv0, dv1
 
 
-@triton.autotune(configs=_all(_DKDV_16BIT, _DKDV_FP32), key=_KEY, prune_configs_by=_pruner(_DKDV_16BIT, _DKDV_FP32))
+@autotune(configs=_all(_DKDV_16BIT, _DKDV_FP32), key=_KEY, prune_configs_by=_pruner(_DKDV_16BIT, _DKDV_FP32))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
@@ -519,7 +520,7 @@ def _dq_block(dq0, dq1, q0, q1, g0, g1, lse, delta, k_base, v_base, start_n, seq
     return dq0, dq1
 
 
-@triton.autotune(configs=_all(_DQ_16BIT, _DQ_FP32), key=_KEY, prune_configs_by=_pruner(_DQ_16BIT, _DQ_FP32))
+@autotune(configs=_all(_DQ_16BIT, _DQ_FP32), key=_KEY, prune_configs_by=_pruner(_DQ_16BIT, _DQ_FP32))
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,

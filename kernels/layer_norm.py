@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._device import INTERPRET, check_device
 from ._library import register_autocast
 
@@ -81,7 +82,7 @@ def _prune(configs, named_args, **kwargs):
 
 # Tuned per width, row-count bucket (ROWS_BUCKET: an argument the kernels only pass to the
 # autotuner) and residual or not; the autotuner adds the tensors' dtypes to the key itself.
-_autotune = triton.autotune(configs=_configs(), key=["N", "ROWS_BUCKET", "HAS_RESIDUAL"],
+_autotune = autotune(configs=_configs(), key=["N", "ROWS_BUCKET", "HAS_RESIDUAL"],
                             prune_configs_by={"early_config_prune": _prune})
 
 

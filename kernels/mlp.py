@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._device import INTERPRET, check_device
 from ._library import autocast_dtype, cast, register_autocast
 
@@ -150,7 +151,7 @@ def _gelu_and_grad(x):
     return act, grad
 
 
-@triton.autotune(configs=_CONFIGS_16BIT + ([] if INTERPRET else _CONFIGS_FP32),
+@autotune(configs=_CONFIGS_16BIT + ([] if INTERPRET else _CONFIGS_FP32),
                  key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_RESIDUAL", "STORE_AUX"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._device import INTERPRET, check_device
 from ._library import autocast_dtype, cast, register_autocast
 
@@ -118,7 +119,7 @@ def _prune(configs, named_args, **kwargs):
 # reset_to_zero: a config with larger tiles writes fewer slots than the buffer holds; the rest must
 # read 0 after the autotuner's timing runs of other configs (the kernel stores, never accumulates,
 # so the outputs are otherwise unaffected by those runs).
-@triton.autotune(configs=_CONFIGS + ([] if INTERPRET else _CONFIGS_FP32),
+@autotune(configs=_CONFIGS + ([] if INTERPRET else _CONFIGS_FP32),
                  key=["M_BUCKET", "N_BUCKET", "K", "IS_FP32", "WITH_GRAD"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["part_ptr"])
 @triton.jit

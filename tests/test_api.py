@@ -2,6 +2,8 @@
 end to end on a tiny random-weight checkpoint folder (conftest.siglip_checkpoint)."""
 
 import json
+import pathlib
+import re
 
 import pytest
 import torch
@@ -13,6 +15,23 @@ from fastsiglip import api, cli
 
 transformers = pytest.importorskip("transformers")
 LABELS = ["cat", "dog", "red car", "a photo of two trees"]
+# From 5.20 transformers' AutoTokenizer gives a NaFlex folder (model_type "siglip2") Siglip2Tokenizer,
+# which lowercases as SigLIP 2 was trained; older versions take the GemmaTokenizer its
+# tokenizer_config.json names and keep case (transformers' bug, fixed in 5.20). There the NaFlex
+# comparisons name Siglip2Tokenizer, the class 5.20 picks (tests/test_tokenizer.py checks the pick).
+AUTO_PICKS_SIGLIP2 = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2]) >= (5, 20)
+
+
+def _hf_image_processor(folder):
+    """The Pillow backend of the folder's image processor (e.g. SiglipImageProcessorPil), whether or
+    not torchvision is installed: with it transformers picks its torchvision backend, whose resize
+    differs, and without it 5.17's AutoImageProcessor refuses a Siglip2 folder."""
+    name = json.loads((pathlib.Path(folder) / "preprocessor_config.json").read_text())["image_processor_type"]
+    return getattr(transformers, name.removesuffix("Fast") + "Pil").from_pretrained(folder)
+
+
+def _hf_processor(folder):
+    return transformers.AutoProcessor.from_pretrained(folder, image_processor=_hf_image_processor(folder))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +52,8 @@ def model(siglip_checkpoint):
 
 
 def test_zero_shot_equals_transformers_pipeline(siglip_checkpoint, model, images):
-    pipe = transformers.pipeline(task="zero-shot-image-classification", model=str(siglip_checkpoint))
+    pipe = transformers.pipeline(task="zero-shot-image-classification", model=str(siglip_checkpoint),
+                                 image_processor=_hf_image_processor(siglip_checkpoint))
     ours = fastsiglip.zero_shot(model, images, LABELS)
     for path, result in zip(images, ours):
         expected = pipe(Image.open(path), candidate_labels=LABELS)
@@ -44,7 +64,7 @@ def test_zero_shot_equals_transformers_pipeline(siglip_checkpoint, model, images
 
 def test_encode_equals_transformers_features(siglip_checkpoint, model, images):
     hf = transformers.SiglipModel.from_pretrained(siglip_checkpoint).eval()
-    hf_proc = transformers.AutoProcessor.from_pretrained(siglip_checkpoint)
+    hf_proc = _hf_processor(siglip_checkpoint)
     inputs = hf_proc(text=LABELS, images=[Image.open(p) for p in images], padding="max_length", return_tensors="pt")
     with torch.no_grad():
         img = F.normalize(hf.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1)
@@ -237,7 +257,10 @@ def siglip2_checkpoints(tmp_path_factory):
 
 
 def _pipeline(folder, *, attention_mask: bool):
-    pipe = transformers.pipeline(task="zero-shot-image-classification", model=str(folder))
+    naflex = json.loads((pathlib.Path(folder) / "config.json").read_text())["model_type"] == "siglip2"
+    extra = {"tokenizer": transformers.Siglip2Tokenizer.from_pretrained(folder)} if naflex and not AUTO_PICKS_SIGLIP2 else {}
+    pipe = transformers.pipeline(task="zero-shot-image-classification", model=str(folder),
+                                 image_processor=_hf_image_processor(folder), **extra)
     if not attention_mask:
         # What the SigLIP 1 checkpoints declare in tokenizer_config.json; the pipeline's own
         # tokenizer_kwargs={"return_attention_mask": False} is accepted and dropped by 5.23.
@@ -297,7 +320,7 @@ def test_siglip2_naflex_encode_images_max_num_patches(siglip2_checkpoints, image
     folder = siglip2_checkpoints["naflex"]
     model = fastsiglip.load(folder)
     hf = transformers.Siglip2Model.from_pretrained(folder).eval()
-    hf_proc = transformers.AutoImageProcessor.from_pretrained(folder)
+    hf_proc = _hf_image_processor(folder)
     # The checkpoint's 16, and a smaller budget per call (12, not 9: a 17x90 image would become
     # 6x1 patches, where torch's CPU antialiased resize of the position grid is wrong; model.py).
     for patches in (None, 12):

@@ -7,6 +7,7 @@ and transformers probes for (`is_kernels_available()`). Each import check runs i
 interpreter with cwd outside the repository, as a user's would.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -31,32 +32,56 @@ def run_python(code: str, cwd, **env) -> str:
     return proc.stdout
 
 
-def _can_build_wheels_in_process() -> bool:
-    """setuptools >= 70.1 builds wheels itself; older ones need the `wheel` package."""
-    import importlib.util
+def _build_backend_site(folder: pathlib.Path) -> pathlib.Path | None:
+    """A site folder holding only the build backend, linked from this environment: setuptools (and
+    `wheel`, which setuptools before 70.1 needs to build wheels). None if setuptools is missing.
 
-    try:
-        return any(importlib.util.find_spec(m) is not None for m in ("setuptools.command.bdist_wheel", "wheel"))
-    except ImportError:  # no setuptools at all
-        return False
+    The build then runs as `python -I -S` with this folder as its one site directory: pip's build
+    isolation without a download. Nothing else installed here takes part (Hugging Face's `kernels`
+    registers a setuptools `egg_info.writers` entry point, `kernels._internals.locking`, that every
+    build in its environment would import), and the source's own kernels/ folder is never on
+    sys.path (-I: not the working directory), so no top-level `kernels` can disturb the build."""
+    import importlib.metadata
+
+    folder.mkdir()
+    for name in ("setuptools", "wheel"):
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "setuptools":
+                return None
+            continue
+        site = pathlib.Path(dist.locate_file(""))
+        tops = {pathlib.PurePath(f).parts[0] for f in dist.files or ()}
+        for top in sorted(tops - {"..", "__pycache__"}):
+            if not top.endswith(".pth") and not (folder / top).exists():
+                (folder / top).symlink_to(site / top)
+    return folder
+
+
+def _can_build_wheels(site: pathlib.Path) -> bool:
+    """setuptools >= 70.1 builds wheels itself; older ones need the `wheel` package."""
+    return (site / "setuptools" / "command" / "bdist_wheel.py").exists() or (site / "wheel").exists()
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     """The wheel of a copy of the sources (a build writes build/ and *.egg-info next to
-    pyproject.toml; the checkout stays untouched): built by setuptools' PEP 517 backend
-    in-process when this environment's setuptools can (fast, offline), else by `pip wheel`
-    in an isolated build environment, as `pip install` does."""
+    pyproject.toml; the checkout stays untouched), built in an isolated environment: setuptools'
+    PEP 517 backend with only setuptools importable (_build_backend_site: fast, offline), else
+    `pip wheel`, whose build isolation installs setuptools into a fresh environment."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    site = _build_backend_site(tmp_path_factory.mktemp("build-env") / "site")
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(path, src / name)
-    if _can_build_wheels_in_process():
-        code = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
-        command = [sys.executable, "-c", code, str(out)]
+    if site is not None and _can_build_wheels(site):
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from setuptools import build_meta; "
+                "build_meta.build_wheel(sys.argv[2])")
+        command = [sys.executable, "-I", "-S", "-c", code, str(site), str(out)]
     else:
         command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)]
     proc = subprocess.run(command, cwd=src, capture_output=True, text=True, timeout=300)
@@ -84,33 +109,55 @@ def test_wheel_holds_the_kernels_as_fastsiglip_kernels(wheel):
     assert not any(n.startswith("kernels/") for n in names)
 
 
+# Where a top-level `kernels` module would come from, as seen from a user's interpreter: None,
+# or the origin of Hugging Face's package if it is installed (transformers 5.25 requires it).
+KERNELS_ORIGIN = textwrap.dedent("""
+    import importlib.util
+    def kernels_origin():
+        spec = importlib.util.find_spec("kernels")
+        return None if spec is None else spec.origin
+""")
+
+
 def test_import_needs_neither_triton_nor_transformers(tmp_path):
-    out = run_python("""
-        import importlib.util, sys
+    """`import fastsiglip` imports neither, and leaves a top-level `kernels` as it found it: absent
+    stays absent, Hugging Face's stays Hugging Face's, never imported (and never ours)."""
+    out = run_python(KERNELS_ORIGIN + textwrap.dedent("""
+        import json, sys
+        before = kernels_origin()
         import fastsiglip
-        print(sorted(m for m in ("triton", "transformers") if m in sys.modules))
-        print(importlib.util.find_spec("kernels") is None)
-    """, cwd=tmp_path)
-    imported, no_top_level_kernels = out.splitlines()
-    assert imported == "[]", f"import fastsiglip imported {imported}"
-    assert no_top_level_kernels == "True", "a top-level `kernels` module is importable"
+        print(json.dumps({"imported": sorted(m for m in ("triton", "transformers", "kernels") if m in sys.modules),
+                          "before": before, "after": kernels_origin()}))
+    """), cwd=tmp_path)
+    seen = json.loads(out)
+    assert seen["imported"] == [], f"import fastsiglip imported {seen['imported']}"
+    assert seen["after"] == seen["before"], f"a top-level `kernels` moved from {seen['before']} to {seen['after']}"
+    _assert_not_ours(seen["after"])
+
+
+def _assert_not_ours(origin):
+    if origin is not None:
+        assert not pathlib.Path(origin).resolve().is_relative_to(ROOT), f"the repository's kernels/ is importable: {origin}"
+        assert "fastsiglip" not in pathlib.Path(origin).parts, f"fastsiglip's kernels are top-level: {origin}"
 
 
 def test_transformers_is_kernels_available_unchanged(tmp_path):
+    """transformers' is_kernels_available() answers the same before and after fastsiglip and its
+    kernels are imported (whatever it answers: Hugging Face's `kernels` is not ours to add or hide)."""
     pytest.importorskip("transformers")
-    out = run_python("""
-        import importlib.util
+    out = run_python(KERNELS_ORIGIN + textwrap.dedent("""
+        import json
         from transformers.utils import is_kernels_available
-        before = is_kernels_available()
+        before, origin_before = is_kernels_available(), kernels_origin()
         import fastsiglip, fastsiglip.kernels  # the kernels package too, as a GPU run imports it
         is_kernels_available.cache_clear()
-        after = is_kernels_available()
-        print(before, after, importlib.util.find_spec("kernels") is None)
-    """, cwd=tmp_path)
-    before, after, no_spec = out.split()
-    # Hugging Face's `kernels` is not a dependency of fastsiglip: nothing may make it look installed.
-    assert (before, after) == ("False", "False")
-    assert no_spec == "True"
+        print(json.dumps({"before": before, "after": is_kernels_available(), "origin_before": origin_before,
+                          "origin_after": kernels_origin()}))
+    """), cwd=tmp_path)
+    seen = json.loads(out)
+    assert seen["after"] == seen["before"], seen
+    assert seen["origin_after"] == seen["origin_before"], seen
+    _assert_not_ours(seen["origin_after"])
 
 
 def test_forward_without_cuda_uses_the_reference(tmp_path):

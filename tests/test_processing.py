@@ -1,6 +1,6 @@
 """fastsiglip.processing against transformers' PIL-backend image processors.
 
-transformers 5.23 ships two backends per processor: ``SiglipImageProcessor`` /
+transformers 5 ships two backends per processor: ``SiglipImageProcessor`` /
 ``Siglip2ImageProcessor`` need torchvision (absent here), ``SiglipImageProcessorPil`` /
 ``Siglip2ImageProcessorPil`` run on Pillow + numpy and are the oracle. Pixel values must be
 equal to 1e-6 (they are in fact bitwise equal); where fastsiglip differs on purpose the test
@@ -49,6 +49,11 @@ FIXRES_CONFIGS = {
 NAFLEX_CONFIG = {"image_processor_type": "Siglip2ImageProcessor", "patch_size": 16, "max_num_patches": 256,
                  "resample": 2, "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                  "do_resize": True, "do_rescale": True, "do_normalize": True}
+# transformers composites transparency onto white in convert_to_rgb, and reads 4-channel arrays as
+# RGBA, from 5.21 on; before, convert("RGB") dropped the alpha (the hidden colour shows) and a
+# 4-channel array was "Unable to infer channel dimension format". fastsiglip does what 5.21 does.
+ALPHA = pytest.mark.transformers("5.21", reason="older versions drop the alpha channel instead of "
+                                                "compositing onto white, and reject 4-channel arrays")
 HF_KEYS = ("size", "resample", "rescale_factor", "image_mean", "image_std", "do_resize", "do_rescale",
            "do_normalize", "patch_size", "max_num_patches")
 
@@ -110,7 +115,7 @@ def test_fixres_sizes_match_transformers(name):
     assert actual["pixel_values"].shape == (len(SIZES), 3, cfg["size"]["height"], cfg["size"]["width"])
 
 
-@pytest.mark.parametrize("mode", list(_modes()))
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=ALPHA) if m in ("RGBA", "LA", "PA") else m for m in _modes()])
 def test_fixres_modes_match_transformers(mode):
     image = _modes()[mode]
     cfg = FIXRES_CONFIGS["other-96"]
@@ -185,7 +190,7 @@ def test_naflex_default_and_override():
     assert ours.max_num_patches == 64  # the override does not stick
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P+transparency", "CMYK", "1"])
+@pytest.mark.parametrize("mode", ["L", pytest.param("RGBA", marks=ALPHA), "P+transparency", "CMYK", "1"])
 def test_naflex_modes_are_converted_to_rgb(mode):
     # Deliberate: Siglip2ImageProcessorPil does not convert to RGB unless told (do_convert_rgb
     # unset): grey/RGBA inputs then crash in normalize. With do_convert_rgb=True it agrees.
@@ -214,13 +219,21 @@ def test_array_and_tensor_inputs_equal_pil():
         assert torch.equal(ours(image)["pixel_values"], want_grey)
     # 4 channels are RGBA composited by Pillow, exactly as a PIL RGBA image
     assert torch.equal(ours(rgba)["pixel_values"], ours(Image.fromarray(rgba, "RGBA"))["pixel_values"])
-    # uint8 arrays agree with transformers too (its float RGBA composite rounds as Pillow's)
+    # uint8 arrays agree with transformers too
     hf = SiglipImageProcessorPil(size={"height": 64, "width": 64})
-    for image in (rgb, rgba, chw):
+    for image in (rgb, chw):
         _assert_equal(dict(hf(image, return_tensors="pt")), ours(image))
     # Deliberate: float input in [0, 1] is rounded to uint8; transformers rescales it twice
     floats = hf(chw.float() / 255, return_tensors="pt")["pixel_values"]
     assert floats.max() < -0.98 and not torch.equal(floats, want_rgb)
+
+
+@ALPHA
+def test_four_channel_arrays_match_transformers():
+    """A 4-channel uint8 array is RGBA for transformers too (its float composite rounds as Pillow's)."""
+    rgba = _noise(50, 70, seed=9, channels=4)
+    hf, ours = SiglipImageProcessorPil(size={"height": 64, "width": 64}), ImageProcessor(size=(64, 64))
+    _assert_equal(dict(hf(rgba, return_tensors="pt")), ours(rgba))
 
 
 def test_paths_match_transformers(tmp_path):
@@ -297,6 +310,7 @@ def test_exif_rotated_jpeg_equals_pre_rotated_image(tmp_path, orientation):
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(upright))
 
 
+@ALPHA
 def test_alpha_in_files_composited_onto_white(tmp_path):
     # Deliberate: transformers' load_image does convert("RGB") on paths (alpha dropped, hidden
     # colour shows); fastsiglip composites onto white for paths as it does for PIL images.

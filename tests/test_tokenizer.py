@@ -8,17 +8,21 @@ with the special tokens at the ids of the real vocabularies:
   user-defined pieces (<start_of_turn>, whitespace runs, ...); BPE with byte fallback, identity
   normalization, no dummy prefix, no whitespace squashing, digits split (as Gemma's file).
 Each goes into a folder with the tokenizer_config.json a real checkpoint has, and the ids of
-several thousand strings must be identical to transformers'. For SigLIP 2, transformers 5.23
-resolves a NaFlex folder (config.json model_type "siglip2") to Siglip2Tokenizer, which
+several thousand strings must be identical to transformers'. For SigLIP 2, transformers (from
+5.20) resolves a NaFlex folder (config.json model_type "siglip2") to Siglip2Tokenizer, which
 lowercases: compared with our default as is; a FixRes folder (model_type "siglip") resolves to
 GemmaTokenizer, which keeps case: compared with lowercase=False, and with our default on
-`text.lower()` input.
+`text.lower()` input. transformers before 5.20 resolved a NaFlex folder to the GemmaTokenizer its
+tokenizer_config.json names (no lowercasing, unlike SigLIP 2's training: transformers' bug, fixed
+in 5.20 by listing "siglip2" in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS); there the NaFlex
+comparisons load Siglip2Tokenizer by name, the class 5.20 picks.
 """
 
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import string
 import warnings
@@ -30,6 +34,8 @@ import torch
 from fastsiglip.tokenizer import GEMMA_VOCAB_FILE, SIGLIP_VOCAB_FILE, Tokenizer, canonicalize_text, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
+# AutoTokenizer picks Siglip2Tokenizer for model_type "siglip2" from 5.20 (module doc)
+AUTO_PICKS_SIGLIP2 = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2]) >= (5, 20)
 
 LENGTHS = (16, 64)  # text_config.max_position_embeddings of real checkpoints
 N_RANDOM = 4000
@@ -162,14 +168,24 @@ def gemma_folders(training_file, tmp_path_factory):
     return tuple(folders)
 
 
-def _hf_tokenizer(folder, **kwargs):
+def _hf_tokenizer(folder, cls=None, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)  # random configs make transformers warn about token ids
         try:
-            return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+            return (cls or transformers.AutoTokenizer).from_pretrained(folder, **kwargs)
         finally:
             logging.disable(logging.NOTSET)
+
+
+def _hf_naflex_tokenizer(folder):
+    """The tokenizer transformers gives a NaFlex folder: AutoTokenizer's pick from 5.20, which must be
+    Siglip2Tokenizer; before 5.20 that class by name (module doc)."""
+    if not AUTO_PICKS_SIGLIP2:
+        return _hf_tokenizer(folder, cls=transformers.Siglip2Tokenizer)
+    hf = _hf_tokenizer(folder)
+    assert type(hf).__name__ == "Siglip2Tokenizer"  # lowercases: same normalization as our default
+    return hf
 
 
 def _hf_ids(tok, texts, max_length, padding="max_length"):
@@ -206,8 +222,7 @@ def test_siglip_without_lowercase_matches_transformers(siglip_folder, corpus):
 
 @pytest.mark.parametrize("max_length", LENGTHS)
 def test_siglip2_naflex_matches_transformers(gemma_folders, corpus, max_length):
-    hf = _hf_tokenizer(gemma_folders[0])
-    assert type(hf).__name__ == "Siglip2Tokenizer"  # lowercases: same normalization as our default
+    hf = _hf_naflex_tokenizer(gemma_folders[0])
     ours = load_tokenizer(gemma_folders[0], max_length=max_length)
     assert (ours.family, ours.eos_id, ours.pad_id, ours.lowercase) == ("siglip2", 1, 0, True)
     ids = ours(corpus)["input_ids"]
@@ -227,8 +242,8 @@ def test_siglip2_fixres_matches_transformers(gemma_folders, corpus):
 
 
 def test_padding_longest_and_attention_mask_match_transformers(siglip_folder, gemma_folders, corpus):
-    for folder in (siglip_folder, gemma_folders[0]):
-        hf, ours = _hf_tokenizer(folder), load_tokenizer(folder, max_length=64)
+    for folder, hf in ((siglip_folder, _hf_tokenizer(siglip_folder)), (gemma_folders[0], _hf_naflex_tokenizer(gemma_folders[0]))):
+        ours = load_tokenizer(folder, max_length=64)
         for start in range(0, 400, 37):  # batches of mixed lengths, some truncated
             batch = corpus[start:start + 37]
             with warnings.catch_warnings():

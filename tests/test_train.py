@@ -32,19 +32,49 @@ IMAGE, PATCH, TEXT_LEN = 16, 8, 24
 FAST = dict(workers=0, progress=False, lr=1e-3)
 
 
+def portable_init(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter drawn from numpy's RandomState, whose streams numpy keeps fixed across
+    releases, instead of torch's samplers: torch 2.13 changed trunc_normal_, so the same torch seed
+    made another model on torch 2.11, and a threshold that held for one seed on one torch failed
+    on the other. Scales as transformers' SigLIP init: LayerNorm weight 1 and bias 0, other biases
+    0, projections (nn.Linear, the pooling head's in_proj) normal with Xavier's variance
+    2 / (fan-in + fan-out), everything else (embeddings, the patch convolution, the probe) normal
+    with variance 1 / fan-in (LeCun; fan-in = elements per output row)."""
+    rng = np.random.RandomState(seed)
+    norms, projections = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            norms |= {f"{name}.weight", f"{name}.bias"}
+        elif isinstance(module, torch.nn.Linear):
+            projections.add(f"{name}.weight")
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            projections.add(f"{name}.in_proj_weight")
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):  # by name: an order no torch release changes
+            if name in norms:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.dim() < 2 and name.endswith("bias"):
+                p.zero_()
+            else:
+                fan_in = p.numel() // p.shape[0] if p.dim() > 1 else p.numel()
+                var = 2 / (fan_in + p.shape[0]) if name in projections else 1 / fan_in
+                p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * math.sqrt(var)))
+
+
 def make_checkpoint(folder, tokenizer_source, *, hidden=32, layers=1, seed=0, logit_bias=None):
-    """A tiny random SiglipModel saved by transformers, with the test tokenizer and processor.
-    transformers initializes logit_scale = log 1 and logit_bias = 0; here scale = log 10 as in
-    the paper, and the bias -5 (the paper's -10 suits 32k-pair batches, not 32-pair ones)."""
+    """A tiny random SiglipModel saved by transformers, with the test tokenizer and processor, its
+    weights from portable_init(seed). transformers initializes logit_scale = log 1 and logit_bias =
+    0; here scale = log 10 as in the paper, and the bias -5 (the paper's -10 suits 32k-pair
+    batches, not 32-pair ones)."""
     transformers = pytest.importorskip("transformers")
     folder = pathlib.Path(folder)
-    torch.manual_seed(seed)
     tower = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2)
     config = transformers.SiglipConfig(
         text_config=dict(tower, vocab_size=300, max_position_embeddings=TEXT_LEN, pad_token_id=1, eos_token_id=1,
                          bos_token_id=None),
         vision_config=dict(tower, image_size=IMAGE, patch_size=PATCH))
     model = transformers.SiglipModel(config).eval()
+    portable_init(model, seed)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-5.0 if logit_bias is None else logit_bias)
@@ -624,16 +654,37 @@ def test_cli_sigterm_from_outside_then_resume(tiny, shapes, tmp_path):
 
 def test_it_learns(tiny, shapes, tmp_path):
     """Held-out images: image->text recall@1 from chance (8 captions, 1/8) to >= 0.9. (With four
-    validation images per caption, text->image recall@1 cannot exceed 1/4: not asserted.)"""
+    validation images per caption, text->image recall@1 cannot exceed 1/4: not asserted.)
+
+    The recipe holds beyond this one seed: with portable_init's seeds 0-9 (and finetune's seed
+    equal to it), every run reached recall@1 >= 0.96875 at step 600 on torch 2.11 and 2.13 alike
+    (the same numbers on both); at lr 3e-3, batch 32 and 300 steps, 3 of 5 seeds stayed below 0.9."""
     torch.manual_seed(0)
     out = tmp_path / "learn"
-    fastsiglip.finetune(tiny, train=shapes["train"], val=shapes["val"], out=out, batch_size=32, steps=300,
-                        lr=3e-3, warmup_steps=5, weight_decay=0.0, eval_every=100, workers=0, progress=False)
+    fastsiglip.finetune(tiny, train=shapes["train"], val=shapes["val"], out=out, batch_size=64, steps=600,
+                        lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=200, workers=0, progress=False)
     records = [r for r in read_metrics(out) if "val/i2t_recall@1" in r]
-    assert [r["step"] for r in records] == [0, 100, 200, 300]
+    assert [r["step"] for r in records] == [0, 200, 400, 600]
     assert records[0]["val/i2t_recall@1"] <= 0.3, records[0]
     assert records[-1]["val/i2t_recall@1"] >= 0.9, records
     assert records[-1]["val/i2t_recall@5"] == 1.0
+
+
+def test_portable_init_ignores_torch_rng():
+    """The test checkpoints' weights depend on the seed alone, not on torch's random state (nor
+    on its samplers, which change between releases)."""
+    transformers = pytest.importorskip("transformers")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.SiglipConfig(text_config=dict(tower, vocab_size=50, max_position_embeddings=8),
+                                       vision_config=dict(tower, image_size=IMAGE, patch_size=PATCH))
+    states = []
+    for torch_seed in (0, 1):
+        torch.manual_seed(torch_seed)
+        model = transformers.SiglipModel(config)
+        portable_init(model, seed=3)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 # ---------------------------------------------------------------------------------------------
