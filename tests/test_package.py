@@ -136,9 +136,13 @@ def test_import_needs_neither_triton_nor_transformers(tmp_path):
 
 
 def _assert_not_ours(origin):
+    """A top-level `kernels`, if any, is not the repository's kernels/ (nor an installed copy of it)."""
     if origin is not None:
-        assert not pathlib.Path(origin).resolve().is_relative_to(ROOT), f"the repository's kernels/ is importable: {origin}"
-        assert "fastsiglip" not in pathlib.Path(origin).parts, f"fastsiglip's kernels are top-level: {origin}"
+        import importlib.util
+
+        ours = {(ROOT / "kernels").resolve(),
+                *(pathlib.Path(p).resolve() for p in importlib.util.find_spec("fastsiglip.kernels").submodule_search_locations)}
+        assert pathlib.Path(origin).resolve().parent not in ours, f"fastsiglip's kernels are importable as `kernels`: {origin}"
 
 
 def test_transformers_is_kernels_available_unchanged(tmp_path):
