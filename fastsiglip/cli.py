@@ -335,6 +335,14 @@ def _train_parser(sub) -> None:
                        "of the images read could not be read (default: %(default)s)")
     train.add_argument("--eval-batch-size", type=int, default=256)
     train.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    lora = train.add_argument_group("LoRA (peft: pip install 'fastsiglip[lora]')")
+    lora.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank only (base weights frozen); "
+                      "OUT/final/ gets the merged model, OUT/final/adapter/ the adapter")
+    lora.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank, a scale of 1)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lora.add_argument("--lora-targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
+                      default=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+                      help="comma-separated, some of q_proj,k_proj,v_proj,out_proj,fc1,fc2 (default: all six)")
     train.add_argument("--device", help="default: cuda (this process's LOCAL_RANK) if available, else cpu")
     train.add_argument("--quiet", action="store_true", help="no progress line")
     train.set_defaults(func=cmd_train)

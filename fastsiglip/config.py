@@ -104,6 +104,10 @@ class ModelConfig:
     def num_labels(self) -> int:
         return len(self.id2label)
 
+    def to_dict(self) -> dict:
+        """The transformers config.json dictionary (as transformers' config.to_dict())."""
+        return to_dict(self)
+
 
 def _isqrt_exact(n: int, what: str) -> int:
     side = int(round(n**0.5))

@@ -19,6 +19,15 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
+def _as_weight(pixels: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """The pixels in the patch layer's weight dtype, as transformers casts them, when that is a
+    floating dtype. A quantized layer's weight is an integer tensor (bitsandbytes) or a method
+    (torch.ao): it takes float input, so the pixels stay as they are (transformers casts them to
+    uint8 / int8 there, which truncates them or fails)."""
+    weight = getattr(layer, "weight", None)
+    return pixels.to(weight.dtype) if isinstance(weight, torch.Tensor) and weight.is_floating_point() else pixels
+
+
 class PatchEmbeddings(nn.Module):
     """FixRes: Conv2d patches of a [B, C, H, W] image plus a learned (g x g) position grid."""
 
@@ -45,12 +54,11 @@ class PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
-        weight = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
+        x = self.patch_embedding(_as_weight(pixel_values, self.patch_embedding)).flatten(2).transpose(1, 2)  # [B, N, C]
         if interpolate_pos_encoding:
             pos = self.interpolate_pos_encoding(height, width, x.shape[1])
-        else:
-            pos = self.position_embedding.weight[None]
+        else:  # the module called, as transformers calls it (with its position_ids buffer)
+            pos = self.position_embedding(torch.arange(x.shape[1], device=x.device)[None])
         return (x + pos).contiguous()  # the sum keeps the conv's channels-first strides
 
 
@@ -111,9 +119,8 @@ class NaFlexEmbeddings(nn.Module):
         return pos.to(table.dtype)
 
     def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
-        weight = self.patch_embedding.weight
-        x = self.patch_embedding(ops.pack(pixel_values, packing).to(weight.dtype))  # [T, C]
-        return x + self.positions(packing, spatial_shapes)
+        pixels = ops.pack(pixel_values, packing)  # [T, P]
+        return self.patch_embedding(_as_weight(pixels, self.patch_embedding)) + self.positions(packing, spatial_shapes)
 
 
 class TextEmbeddings(nn.Module):

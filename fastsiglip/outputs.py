@@ -1,34 +1,62 @@
-"""Model outputs: dataclasses that also read like transformers' ModelOutput (out["key"], keys())."""
+"""Model outputs: dataclasses that behave as transformers' ModelOutput.
+
+As there, an output is also an ordered dict of its fields that are set (not None), in field
+order: `out.logits`, `out["logits"]`, `out[0]`, `out.to_tuple()`, `keys()` / `items()`, `in`,
+`**out`; so code written for transformers' outputs (Trainer's predict and evaluate loops,
+`nested_detach`, accelerate's gather) takes these unchanged.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
 
 
-class ModelOutput:
-    """Field access (`out.logits`), key access (`out["logits"]`), and `to_tuple()` of the
-    fields that are set, as transformers' outputs allow."""
+class ModelOutput(OrderedDict):
+    """Base of the output dataclasses: attribute and item access kept in step."""
 
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
+    def __post_init__(self):
+        names = [f.name for f in fields(self)]
+        first = getattr(self, names[0])
+        if isinstance(first, Mapping) and all(getattr(self, n) is None for n in names[1:]):
+            # built from a dict of its fields, as Trainer's nested_concat and accelerate rebuild
+            # outputs (type(out)({key: value, ...})), and as transformers' ModelOutput allows
+            unknown = set(first) - set(names)
+            if unknown:
+                raise TypeError(f"{type(self).__name__} has no fields {sorted(unknown)}; its fields are {names}")
+            object.__setattr__(self, names[0], None)
+            for name, value in first.items():
+                object.__setattr__(self, name, value)
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                super().__setitem__(name, value)
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; it has {self.keys()}")
-            return getattr(self, key)
+            if key not in self:
+                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; it has {list(self.keys())}")
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
 
-    def __iter__(self):
-        return iter(self.keys())
+    def __setattr__(self, name, value):
+        if name in self and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def __delitem__(self, key):
+        raise TypeError(f"{type(self).__name__} fields cannot be deleted; set them to None")
+
+    def to_tuple(self) -> tuple:
+        """The set fields in order; nested outputs as tuples too (as transformers' SiglipOutput)."""
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 @dataclass

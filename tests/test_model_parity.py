@@ -329,7 +329,7 @@ def test_output_objects(tmp_path):
         out = ours(pixel_values=fixres_pixels(2), **text_inputs(2))
     assert out["logits_per_image"] is out.logits_per_image
     assert out["vision_model_output"]["pooler_output"] is out.vision_model_output.pooler_output
-    assert "loss" not in out and out.keys()[0] == "logits_per_image"
+    assert "loss" not in out and list(out.keys())[0] == "logits_per_image"
     with pytest.raises(KeyError, match="loss"):
         out["loss"]
 

@@ -35,9 +35,29 @@ def _grads(model, inputs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class AttentionCalls(TorchDispatchMode):
+    """How many times the attention operator runs (forward or recomputed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.namespace == "fastsiglip" and func._opname == "attention"
+        return func(*args, **(kwargs or {}))
+
+
+def _grads_counted(model, inputs):
+    with AttentionCalls() as calls:
+        grads = _grads(model, inputs)
+    return grads, calls.count
+
+
 def test_gradient_checkpointing_recomputes_each_layer_with_equal_gradients(monkeypatch):
     """Through the kernels (their backward runs on recomputed activations): the same gradients,
-    and every encoder layer runs twice per step when checkpointed (forward, then in backward)."""
+    and every encoder layer's attention runs twice per step when checkpointed (forward, then in
+    backward); the layer's own hooks stay outside the checkpoint and fire once (transformers >=
+    5.23)."""
     monkeypatch.setenv("FASTSIGLIP_IMPL", "kernel")
     model, inputs = _naflex_model_and_inputs()
     model.train()
@@ -47,25 +67,42 @@ def test_gradient_checkpointing_recomputes_each_layer_with_equal_gradients(monke
             layer.register_forward_pre_hook(lambda module, args: runs.append(module))
     layers = len(runs_of := [m for m in model.modules() if isinstance(m, EncoderLayer)])
     assert layers == 2 and not model.is_gradient_checkpointing
+    heads = 1  # the MAP head's attention, never checkpointed
 
-    plain = _grads(model, inputs)
-    assert len(runs) == layers
+    plain, attentions = _grads_counted(model, inputs)
+    assert len(runs) == layers and attentions == layers + heads
     model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    assert model.is_gradient_checkpointing and model.is_activation_checkpointing
     runs.clear()
-    checkpointed = _grads(model, inputs)
-    assert len(runs) == 2 * layers and set(runs) == set(runs_of)
+    checkpointed, attentions = _grads_counted(model, inputs)
+    assert attentions == 2 * layers + heads
+    assert len(runs) == layers and set(runs) == set(runs_of)
     assert checkpointed.keys() == plain.keys() and len(plain) == len(list(model.parameters()))
     for name, g in checkpointed.items():
         torch.testing.assert_close(g, plain[name], rtol=1e-6, atol=1e-7, msg=name)
 
-    runs.clear()
     model.eval()  # as in transformers: checkpointing only while training
-    with torch.no_grad():
+    with torch.no_grad(), AttentionCalls() as calls:
         model(**inputs)
-    assert len(runs) == layers
+    assert calls.count == layers + heads
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+def test_every_n_layers_and_offload(monkeypatch):
+    """transformers' activation_checkpointing_enable(every_n_layers=2, offload=True): layers 0, 2,
+    ... over both towers are recomputed, their saved inputs held on the host; same gradients."""
+    model, inputs = _naflex_model_and_inputs()
+    model.train()
+    plain = _grads(model, inputs)
+    model.activation_checkpointing_enable(every_n_layers=2, offload=True)
+    layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
+    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+    checkpointed = _grads(model, inputs)
+    for name, g in checkpointed.items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="every_n_layers"):
+        model.activation_checkpointing_enable(every_n_layers=0)
 
 
 class GemmShapes(TorchDispatchMode):
@@ -100,7 +137,7 @@ def test_fused_qkv_is_one_gemm_per_attention_block(siglip_checkpoint, monkeypatc
     block, x = blocks[0], torch.randn(5, hidden)
     with torch.no_grad():
         captured = {}
-        monkeypatch.setattr("fastsiglip.model._attend", lambda q, k, v, layout: captured.update(q=q, k=k, v=v) or q)
+        monkeypatch.setattr("fastsiglip.layers._attend", lambda q, k, v, layout: captured.update(q=q, k=k, v=v) or q)
         block(x)
         for name in "qkv":
             proj = getattr(block, f"{name}_proj")

@@ -736,3 +736,137 @@ def test_data_errors_are_clear(tiny, shapes, tmp_path):
     empty = write_manifest(tmp_path / "empty.csv", [])
     with pytest.raises(ValueError, match="no rows"):
         fastsiglip.finetune(tiny, train=empty, out=tmp_path / "b", batch_size=8, steps=1, **FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. LoRA (peft)
+# ---------------------------------------------------------------------------------------------
+
+
+def _base_of(state: dict) -> dict:
+    """A peft model's base weights under transformers' names (lora_* dropped, base_layer. removed)."""
+    return {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in state.items()
+            if ".lora_" not in k}
+
+
+def test_cli_lora_trains_the_adapters_only_and_exports_both(tiny, shapes, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from fastsiglip import cli
+
+    out = tmp_path / "lora"
+    argv = ["train", "--model", str(tiny), "--train", str(shapes["train"]), "--val", str(shapes["val"]),
+            "--out", str(out), "--batch-size", "32", "--steps", "40", "--lr", "1e-2", "--workers", "0",
+            "--lora-rank", "4", "--eval-every", "40", "--quiet"]
+    assert cli.main(argv) == 0
+    source = fastsiglip.load(tiny).state_dict()
+    saved = load_file(str(out / "checkpoints" / "step-40" / "model.safetensors"))
+    base = _base_of(saved)
+    assert base.keys() == source.keys()
+    assert all(torch.equal(base[k], source[k]) for k in source), "a base weight changed"
+    lora = [k for k in saved if ".lora_B." in k]
+    assert lora and all(saved[k].abs().max() > 0 for k in lora), "an adapter never moved from zero"
+    assert not any(".head.attention.out_proj." in k for k in saved if ".lora_" in k)
+    records = read_metrics(out)
+    assert records[-1]["loss"] < records[1]["loss"]  # it learns
+    assert records[-1]["val/i2t_recall@1"] > records[0]["val/i2t_recall@1"]
+    # OUT/final: the merged model, for fastsiglip and transformers; OUT/final/adapter: peft's
+    merged = fastsiglip.load(out / "final")
+    assert any(not torch.equal(p, source[n]) for n, p in merged.named_parameters())
+    hf = transformers.SiglipModel.from_pretrained(out / "final").eval()
+    with_adapter = peft.PeftModel.from_pretrained(transformers.SiglipModel.from_pretrained(tiny).eval(),
+                                                  out / "final" / "adapter")
+    gen = torch.Generator().manual_seed(0)
+    x = dict(pixel_values=torch.randn(3, 3, IMAGE, IMAGE, generator=gen),
+             input_ids=torch.randint(0, 300, (3, TEXT_LEN), generator=gen))
+    with torch.no_grad():
+        ours = merged(**x).logits_per_image
+        torch.testing.assert_close(hf(**x).logits_per_image, ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(with_adapter(**x).logits_per_image, ours, atol=1e-5, rtol=0)
+
+
+def test_finetune_respects_requires_grad_of_a_peft_model(tiny, shapes, tmp_path):
+    """A PeftModel passed in trains its adapters only (nothing is switched on); the export merges."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(fastsiglip.load(tiny), peft.LoraConfig(r=2, target_modules=["q_proj", "fc2"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    before = _state(model)
+    result = fastsiglip.finetune(model, train=shapes["train"], out=tmp_path / "peft", batch_size=16, steps=3,
+                                 **dict(FAST, lr=1e-2))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {k for k in before if ".lora_" in k}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    merged = fastsiglip.load(result["final"])
+    gen = torch.Generator().manual_seed(1)
+    x = dict(pixel_values=torch.randn(2, 3, IMAGE, IMAGE, generator=gen),
+             input_ids=torch.randint(0, 300, (2, TEXT_LEN), generator=gen))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**x).logits_per_image, model(**x).logits_per_image, atol=1e-5, rtol=0)
+    assert (result["final"] / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_micro_batches_equal_one_batch(tiny, shapes, tmp_path):
+    """GradCache stays exact with adapters: the same adapters after two steps either way."""
+    pytest.importorskip("peft")
+    states = {}
+    for micro in (32, 8):
+        model = fastsiglip.load(tiny, dtype=torch.float64)
+        fastsiglip.finetune(model, train=shapes["train"], out=tmp_path / str(micro), batch_size=32,
+                            micro_batch_size=micro, steps=2, precision="fp32", lora_rank=4,
+                            **dict(FAST, lr=1e-2))
+        states[micro] = load_adapter_state(tmp_path / str(micro))
+    assert states[8].keys() == states[32].keys() and any(v.abs().max() > 0 for v in states[32].values())
+    for key, value in states[32].items():
+        torch.testing.assert_close(states[8][key], value, rtol=1e-6, atol=1e-9, msg=key)
+
+
+def load_adapter_state(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(pathlib.Path(out) / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_lora_resume_equals_uninterrupted(tiny, shapes, tmp_path):
+    pytest.importorskip("peft")
+    run = dict(RUN, lora_rank=4, lr=1e-2)
+    fastsiglip.finetune(fastsiglip.load(tiny), train=shapes["train"], out=tmp_path / "full", **run)
+
+    def kill(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "cut"
+    assert fastsiglip.finetune(fastsiglip.load(tiny), train=shapes["train"], out=out, callback=kill, **run)["interrupted"]
+    with pytest.raises(ckpt.ResumeError, match="lora_rank"):
+        fastsiglip.finetune(fastsiglip.load(tiny), train=shapes["train"], out=out, resume=True, **dict(run, lora_rank=8))
+    fastsiglip.finetune(fastsiglip.load(tiny), train=shapes["train"], out=out, resume=True, **run)
+    want, got = load_adapter_state(tmp_path / "full"), load_adapter_state(out)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_lora_options_are_checked(tiny, shapes, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--lora-targets must name some of"):
+        fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "a", batch_size=8, steps=1, lora_rank=2,
+                            lora_targets=("qkv",), **FAST)
+    with pytest.raises(ValueError, match="--lora-rank must be a positive integer"):
+        fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "b", batch_size=8, steps=1, lora_rank=0,
+                            **FAST)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    with pytest.raises(RuntimeError, match=r"pip install 'fastsiglip\[lora\]'"):
+        fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "c", batch_size=8, steps=1, lora_rank=2,
+                            **FAST)

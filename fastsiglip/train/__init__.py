@@ -35,6 +35,8 @@ from ..loading import checkpoint_fingerprint, load
 from ..processing import load_processor
 from . import checkpoint as ckpt
 from .evaluate import retrieval_recall, zero_shot_top1
+from .lora import TARGETS as LORA_TARGETS
+from .lora import apply_lora, is_peft, merged_state_dict, save_adapter
 from .loss import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, SigmoidLoss, distributed_sigmoid_loss
 from .step import LOGIT_PARAMS, ExactStep, Towers, average_logit_grads
 
@@ -45,7 +47,7 @@ MAX_BAD_EXAMPLES = 5
 # the others (micro-batch size, world size, workers, evaluation, saving, precision) may.
 RESUME_FIXED = ("train", "train_pairs", "batch_size", "steps", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "seed", "lock_image", "lock_text", "freeze_logit_scale", "max_num_patches", "image_column",
-                "text_column")
+                "text_column", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 class _Stop:
@@ -217,7 +219,8 @@ def finetune(model, *, train, out, batch_size: int, steps: int, micro_batch_size
              freeze_logit_scale: bool = False, grad_checkpointing: bool = False, zero_shot=None,
              max_num_patches: int | None = None, image_column: str = "image", text_column: str = "text",
              max_bad_fraction: float = 0.01, tensorboard: bool = False, eval_batch_size: int = 256,
-             device=None, progress: bool = True, callback=None) -> dict:
+             lora_rank: int | None = None, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+             lora_targets=LORA_TARGETS, device=None, progress: bool = True, callback=None) -> dict:
     """Fine-tune a two-tower SigLIP model on image-text pairs with the sigmoid loss.
 
     model: a hub id or checkpoint folder, or a model from fastsiglip.load (float32; float64 is
@@ -229,6 +232,13 @@ def finetune(model, *, train, out, batch_size: int, steps: int, micro_batch_size
     keep_last of them. eval_every: evaluation every N steps (always at step 0 and at the end
     when val or zero_shot is given). resume: continue from the newest checkpoint in `out`
     (none: start fresh). callback(step, record): called on every process after each step.
+    What trains: the parameters the model has requires_grad on (all of a freshly loaded one),
+    less a locked tower (lock_image / lock_text) and logit_scale / logit_bias with
+    freeze_logit_scale; nothing is switched on, so a peft model trains its adapters only.
+    lora_rank: wrap the model in peft LoRA adapters of that rank first (lora_alpha, default the
+    rank; lora_dropout; lora_targets, names of lora.TARGETS), training only them; OUT/final/
+    then holds the merged model and OUT/final/adapter/ the adapter (also for a peft model passed
+    in).
     Returns {"step", "metrics" (the last record), "final" (OUT/final or None), "interrupted"}
     (and "signal", its number, when a signal stopped the run).
     """
@@ -243,8 +253,8 @@ def finetune(model, *, train, out, batch_size: int, steps: int, micro_batch_size
 def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, warmup_steps, weight_decay,
               grad_clip, precision, seed, workers, save_every, keep_last, eval_every, resume, lock_image,
               lock_text, freeze_logit_scale, grad_checkpointing, zero_shot, max_num_patches, image_column,
-              text_column, max_bad_fraction, tensorboard, eval_batch_size, device, progress, callback, world, rank,
-              created) -> dict:
+              text_column, max_bad_fraction, tensorboard, eval_batch_size, lora_rank, lora_alpha, lora_dropout,
+              lora_targets, device, progress, callback, world, rank, created) -> dict:
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     micro_batch_size = batch_size // world if micro_batch_size is None else micro_batch_size
@@ -267,7 +277,8 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
                 weight_decay=weight_decay, grad_clip=grad_clip, precision=precision_used, seed=seed,
                 lock_image=lock_image, lock_text=lock_text, freeze_logit_scale=freeze_logit_scale,
                 max_num_patches=max_num_patches, image_column=image_column, text_column=text_column,
-                zero_shot=_where(zero_shot))
+                zero_shot=_where(zero_shot), lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                lora_targets=",".join(lora_targets) if lora_rank else None)
 
     # Data first: a bad path or manifest fails before the model is loaded.
     pairs = data_lib.open_pairs(train, image_column=image_column, text_column=text_column)
@@ -279,13 +290,23 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
     processor = load_processor(source, max_num_patches=max_num_patches)
     model_id = {"source": str(source), "fingerprint": checkpoint_fingerprint(source)}
 
-    # What is trained.
-    for p in model.vision_model.parameters():
-        p.requires_grad_(not lock_image)
-    for p in model.text_model.parameters():
-        p.requires_grad_(not lock_text)
-    for p in (model.logit_scale, model.logit_bias):
-        p.requires_grad_(not freeze_logit_scale)
+    # What is trained: what the caller left trainable, less what the options freeze.
+    if lora_rank is not None:
+        if is_peft(model):
+            raise ValueError("the model is a peft model already; drop --lora-rank to train its adapters")
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init depends on --seed alone
+            torch.manual_seed(seed)
+            model = apply_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    for tower, lock in ((model.vision_model, lock_image), (model.text_model, lock_text)):
+        if lock:
+            tower.requires_grad_(False)
+    if freeze_logit_scale:
+        for p in (model.logit_scale, model.logit_bias):
+            p.requires_grad_(False)
+    train_image = any(p.requires_grad for p in model.vision_model.parameters())
+    train_text = any(p.requires_grad for p in model.text_model.parameters())
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no parameter of the model requires a gradient: nothing to train")
     if grad_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise RuntimeError("--grad-checkpointing: this fastsiglip model has no gradient_checkpointing_enable() "
@@ -340,7 +361,7 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
     def to_inputs(micro):
         return codec.to_model(micro, device), micro["input_ids"].to(device, non_blocking=True)
 
-    exact = ExactStep(towers, to_inputs, device=device, train_image=not lock_image, train_text=not lock_text,
+    exact = ExactStep(towers, to_inputs, device=device, train_image=train_image, train_text=train_text,
                       autocast=autocast, distributed=world > 1)
     batches = data_lib.TrainBatches(pairs, source, seed=seed, batch_size=batch_size, world_size=world,
                                     micro_batch_size=micro_batch_size, max_num_patches=max_num_patches)
@@ -441,7 +462,13 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
                 return {"step": step, "metrics": last, "final": None, "interrupted": True,
                         "signal": int(stopping.item())}
         del stream
-    final = ckpt.export_final(out, model, source) if rank == 0 else None
+    final = None
+    if rank == 0:
+        if is_peft(model):  # the merged model (what fastsiglip.load and transformers read), and the adapter
+            final = ckpt.export_final(out, merged_state_dict(model), source,
+                                      lambda folder: save_adapter(model, folder, base=str(source)))
+        else:
+            final = ckpt.export_final(out, model.state_dict(), source)
     if world > 1:
         dist.barrier()
     metrics.close()

@@ -13,7 +13,9 @@ by the next save) and the previous checkpoint as it was. Only the newest `keep_l
 Nothing is pickled: safetensors and JSON only.
 
 OUT/final/: config.json and the tokenizer / preprocessor files of the source checkpoint, plus
-model.safetensors, so that `fastsiglip.load` and transformers' `from_pretrained` read it.
+model.safetensors, so that `fastsiglip.load` and transformers' `from_pretrained` read it; after
+LoRA fine-tuning the weights have the adapters merged in, and OUT/final/adapter/ holds the
+adapter itself (peft's files: peft.PeftModel.from_pretrained on the base model reads them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..loading import HUB_FILES, WEIGHTS_FILE
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+ADAPTER = "adapter"  # OUT/final/adapter/: a LoRA run's peft adapter
 STATE_FILE = "trainer_state.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -145,9 +148,11 @@ def read_resume(folder: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor], di
     return state, load_file(str(folder / WEIGHTS_FILE)), load_file(str(folder / "rng.safetensors"))
 
 
-def export_final(out, model, source) -> pathlib.Path:
+def export_final(out, state: dict[str, torch.Tensor], source, write_adapter=None) -> pathlib.Path:
     """OUT/final/ in the hub layout: the source's config.json, tokenizer and preprocessor
-    files, and the trained weights as model.safetensors (written atomically, like a checkpoint)."""
+    files, and `state` (transformers' keys) as model.safetensors; with `write_adapter`, also
+    OUT/final/adapter/ (write_adapter(folder) writes it). Written into a temporary folder,
+    every file fsynced, then renamed into place, like a checkpoint."""
     out, source = pathlib.Path(out), pathlib.Path(source)
     final, tmp = out / FINAL, out / f".tmp-{FINAL}-{os.getpid()}"
     if tmp.exists():
@@ -157,9 +162,11 @@ def export_final(out, model, source) -> pathlib.Path:
     for name in HUB_FILES:
         if name not in skip and (source / name).is_file():
             shutil.copyfile(source / name, tmp / name)
-    save_weights(tmp / WEIGHTS_FILE, model)
-    for path in tmp.iterdir():
-        _fsync_file(path)
+    save_file(_state_tensors(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if write_adapter is not None:
+        write_adapter(tmp / ADAPTER)
+    for path in sorted(tmp.rglob("*")):
+        (_fsync_file if path.is_file() else _fsync_dir)(path)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
