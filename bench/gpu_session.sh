@@ -47,34 +47,38 @@ if [ -z "${SKIP_INSTALL:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # 2. The GPU tests (bf16, real sizes).
-step gpu-tests "${STEP_TESTS:-95}" $PY -m pytest -m gpu -q -x -p no:cacheprovider tests
+step gpu-tests "${STEP_TESTS:-90}" $PY -m pytest -m gpu -q -x -p no:cacheprovider tests
 
 # 3. The ahead-of-time compile check for this GPU's generation (no cache: a fresh machine).
 ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(100 if c[0] >= 10 else 90)")
-step compile-check "${STEP_COMPILE:-90}" env FASTSIGLIP_COMPILE_CACHE="$WORK/compile-cache" \
+step compile-check "${STEP_COMPILE:-80}" env FASTSIGLIP_COMPILE_CACHE="$WORK/compile-cache" \
     $PY bench/compile_check.py --arch "$ARCH" --jobs "$(nproc)" --json "$WORK/results/compile_check-sm$ARCH.json"
 
 # 4. The pytest-benchmark suite: one shape per family first (the README's), eager and peers
 #    before torch.compile (whose compiles take longest); then the rest if time remains.
-step bench-quick "${STEP_BENCH_QUICK:-95}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
-    -k "not torch.compile" --benchmark-json "$WORK/results/kernels-quick.json"
+step bench-quick "${STEP_BENCH_QUICK:-85}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
+    -k "not torch.compile and not vlm" --benchmark-json "$WORK/results/kernels-quick.json"
 step bench-compile "${STEP_BENCH_COMPILE:-30}" $PY -m pytest bench/ --benchmark-only --quick -q -p no:cacheprovider \
     -k "torch.compile" --benchmark-json "$WORK/results/kernels-compile.json"
 # The warp-specialized attention forward (opt-in until this session shows it works): the same
 # quick shapes with it offered to the autotuner, against bench-quick's fastsiglip rows.
-step bench-ws "${STEP_WS:-20}" env FASTSIGLIP_WARP_SPECIALIZE=1 $PY -m pytest bench/ --benchmark-only --quick -q \
+step bench-ws "${STEP_WS:-15}" env FASTSIGLIP_WARP_SPECIALIZE=1 $PY -m pytest bench/ --benchmark-only --quick -q \
     -p no:cacheprovider -k "attention and fastsiglip and not bwd" --benchmark-json "$WORK/results/kernels-ws.json"
 
 # 5. The scripts' floors and ratios (trimmed to fit; each writes its own results file).
-step bench-loss "${STEP_LOSS:-40}" $PY bench/sigmoid_loss.py --dims 768 --batches 16384 65536 --chunks \
+step bench-loss "${STEP_LOSS:-35}" $PY bench/sigmoid_loss.py --dims 768 --batches 16384 65536 --chunks \
     --out-dir "$WORK/results"
-step bench-e2e "${STEP_E2E:-35}" $PY bench/end_to_end.py --presets siglip2-base-patch16-224 --no-compile \
+step bench-e2e "${STEP_E2E:-30}" $PY bench/end_to_end.py --presets siglip2-base-patch16-224 --no-compile \
     --out-dir "$WORK/results"
-# 6. `fastsiglip embed` end to end: CPU decoding workers against nvjpeg (--decode gpu, needs torchvision).
-step bench-embed "${STEP_EMBED:-35}" $PY bench/embed.py --preset siglip2-base-patch16-224 --device cuda \
+# 6. The VLM towers (fastsiglip.patch against transformers' sdpa / flash-attn / Liger): PaliGemma 2's
+#    So400m/14 at 224 and 896, SmolVLM's padded tiles; forward and forward + backward, bf16.
+step bench-vlm "${STEP_VLM:-45}" $PY bench/vlm.py --towers so400m-224 so400m-896 smolvlm-512 --rep 10 \
+    --out-dir "$WORK/results"
+# 7. `fastsiglip embed` end to end: CPU decoding workers against nvjpeg (--decode gpu, needs torchvision).
+step bench-embed "${STEP_EMBED:-25}" $PY bench/embed.py --preset siglip2-base-patch16-224 --device cuda \
     --images 1024 --batch-size 128 --workers 4 16 --decode exact gpu --json "$WORK/results/embed.json"
 
-# 7. The report of what landed, printed (README.md is rebuilt where the results are committed).
+# 8. The report of what landed, printed (README.md is rebuilt where the results are committed).
 mkdir -p bench/results
 for f in "$WORK"/results/*.json "$WORK"/results/*.md; do
     [ -s "$f" ] && case $f in *compile_check*) ;; *) cp "$f" bench/results/ ;; esac

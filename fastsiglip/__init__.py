@@ -14,6 +14,7 @@ from .config import ModelConfig, preset
 from .loading import CheckpointError, load, resolve
 from .model import SiglipForImageClassification, SiglipModel, SiglipTextModel, SiglipVisionModel, build
 from .ops import sigmoid_loss
+from .patch import patch, patched, unpatch
 from .processing import load_processor
 from .tokenizer import Tokenizer, load_tokenizer
 from .train import SigmoidLoss, distributed_sigmoid_loss, finetune
@@ -23,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ModelConfig", "SiglipForImageClassification", "SiglipModel", "SiglipTextModel",
     "SiglipVisionModel", "SigmoidLoss", "Tokenizer", "build", "classify", "distributed_sigmoid_loss", "embed_files", "embed_texts", "encode_images", "encode_texts", "finetune", "load", "load_processor",
-    "load_tokenizer", "preset", "resolve", "sigmoid_loss", "zero_shot",
+    "load_tokenizer", "patch", "patched", "preset", "resolve", "sigmoid_loss", "unpatch", "zero_shot",
 ]

@@ -17,7 +17,7 @@ Two layouts of tokens reach attention:
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -52,6 +52,8 @@ def fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
 # Module semantics: the fused path only where it computes what calling the modules would
 # ---------------------------------------------------------------------------------------------
 
+# What a layer checkpoints with when nothing set its _gradient_checkpointing_func.
+DEFAULT_CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -154,6 +156,18 @@ class GELUTanh(nn.Module):
         return reference.gelu_tanh(x)
 
 
+def tanh_gelu(module: nn.Module) -> bool:
+    """A plain tanh-approximate GELU module: fastsiglip's GELUTanh, or transformers' (whose `act`
+    is F.gelu(approximate="tanh"), not its Python formula), without hooks."""
+    if plain(module, GELUTanh):
+        return True
+    cls = type(module)
+    if cls.__name__ != "GELUTanh" or not cls.__module__.startswith("transformers.") or hooked(module):
+        return False
+    act = getattr(module, "act", None)
+    return isinstance(act, functools.partial) and act.func is F.gelu and act.keywords == {"approximate": "tanh"}
+
+
 class MLP(nn.Module):
     """fc2(gelu_tanh(fc1(x))): one ops.mlp call when fc1, fc2 and the activation are plain, else
     the three modules called as transformers' SiglipMLP calls them."""
@@ -165,7 +179,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
 
     def fusable(self) -> bool:
-        return plain(self.fc1, nn.Linear) and plain(self.fc2, nn.Linear) and plain(self.activation_fn, GELUTanh)
+        return plain(self.fc1, nn.Linear) and plain(self.fc2, nn.Linear) and tanh_gelu(self.activation_fn)
 
     def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """[residual +] mlp(x) in one ops.mlp call (the add in fc2's epilogue); needs fusable()."""
@@ -188,11 +202,12 @@ class EncoderLayer(nn.Module):
     stays as wide as transformers'): per layer two LayerNorm, one attention and one MLP kernel.
     Otherwise each submodule is called as transformers calls it.
 
-    Activation checkpointing (`gradient_checkpointing`, set by the model's
-    activation_checkpointing_enable): in training mode the layer keeps only its inputs and runs
-    `_forward` again in backward (torch.utils.checkpoint with `checkpoint_kwargs`; its saved
-    inputs in host memory with `checkpoint_offload`). The layer's own hooks stay outside the
-    checkpoint and fire once, as in transformers >= 5.23; its submodules run twice.
+    Activation checkpointing (`gradient_checkpointing`, as transformers' layers have it, set by
+    the model's activation_checkpointing_enable, or by a transformers model that holds this layer
+    after fastsiglip.patch): in training mode the layer keeps only its inputs and runs `_forward`
+    again in backward through `_gradient_checkpointing_func` (torch.utils.checkpoint with the
+    model's arguments; transformers sets the same attribute). The layer's own hooks stay outside
+    the checkpoint and fire once, as in transformers >= 5.23; its submodules run twice.
     """
 
     gradient_checkpointing = False
@@ -203,8 +218,6 @@ class EncoderLayer(nn.Module):
         self.self_attn = Attention(hidden_size, num_heads)
         self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = MLP(hidden_size, intermediate_size)
-        self.checkpoint_kwargs: dict = {}
-        self.checkpoint_offload = False
 
     def fusable(self) -> bool:
         return (plain(self.layer_norm1, nn.LayerNorm) and plain(self.layer_norm2, nn.LayerNorm)
@@ -213,9 +226,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            with offload if self.checkpoint_offload else contextlib.nullcontext():
-                return torch.utils.checkpoint.checkpoint(self._forward, x, layout, **self.checkpoint_kwargs)
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None) or DEFAULT_CHECKPOINT
+            return checkpoint(self._forward, x, layout)
         return self._forward(x, layout)
 
     def _forward(self, x: torch.Tensor, layout: Layout | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ Two layouts of tokens reach attention:
   are packed ONCE from `pixel_attention_mask` and the whole encoder runs on the real tokens
   [T, C]; padded positions of `last_hidden_state` are zeros (transformers computes them and
   never uses them), unless a hook or a whole-tensor layer needs transformers' layout
-  (`_packable`). Masked text keeps every query (transformers pools the last position, which
+  (`packable`). Masked text keeps every query (transformers pools the last position, which
   may be padding) and packs only the keys.
 """
 
@@ -45,6 +45,7 @@ from .layers import (  # noqa: F401
     layer_norm,
     own_hooks,
     plain,
+    tanh_gelu,
 )
 from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput, SiglipOutput  # noqa: F401
 from .pretrained import PreTrainedModelMixin, as_returned, positional
@@ -108,23 +109,23 @@ def _is_lora_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer"
 
 
-def _packable(tower: nn.Module) -> bool:
-    """Whether a NaFlex tower may run on the real tokens only: no hook anywhere in it (a hook sees
-    transformers' [B, N, C] tensors), and every module one of those whose result for a token
-    does not depend on which other tokens share its tensor (exact types: the plain layers,
-    fastsiglip's blocks, which take the packed layout, and peft's LoRA Linear). Anything else
-    runs in transformers' layout: torch.ao's dynamic quantization picks one activation scale per
-    tensor, bitsandbytes' int8 outlier columns (threshold) are read off the whole tensor, and an
-    unknown module may do either."""
+def packable(modules) -> bool:
+    """Whether a NaFlex tower made of `modules` may run on the real tokens only: no hook anywhere
+    (a hook sees transformers' [B, N, C] tensors), and every module one of those whose result for
+    a token does not depend on which other tokens share its tensor (exact types: the plain
+    layers, fastsiglip's blocks, which take the packed layout, and peft's LoRA Linear). Anything
+    else runs in transformers' layout: torch.ao's dynamic quantization picks one activation scale
+    per tensor, bitsandbytes' int8 outlier columns (threshold) are read off the whole tensor, and
+    an unknown module may do either."""
     if global_hooks():
         return False
-    return not any(own_hooks(m) or not (type(m) in _PACKABLE or _is_lora_linear(m)) for m in tower.modules())
+    return not any(own_hooks(m) or not (type(m) in _PACKABLE or _is_lora_linear(m) or tanh_gelu(m)) for m in modules)
 
 
 class VisionTransformer(nn.Module):
     """The vision tower: embeddings, encoder, post_layernorm, MAP head (both families).
 
-    NaFlex batches run packed (the real tokens [T, C] only) when `_packable`; otherwise in
+    NaFlex batches run packed (the real tokens [T, C] only) when `packable`; otherwise in
     transformers' layout, [B, N, C] with the padded positions computed as transformers computes
     them (keys masked), so that hooks and whole-tensor layers see transformers' tensors."""
 
@@ -152,7 +153,7 @@ class VisionTransformer(nn.Module):
             mask, spatial_shapes = pixel_attention_mask.to(device), spatial_shapes.to(device)
             packing = ops.packing_from_mask(mask)
             cu, n = packing.cu_seqlens, packing.max_seqlen
-            if not _packable(self):
+            if not packable(self.modules()):
                 return self._naflex_dense(pixel_values, mask, spatial_shapes, packing, pool, states)
             x = self.embeddings(pixel_values, spatial_shapes, packing)  # [T, C]
             x = layer_norm(self.post_layernorm, self.encoder(x, Layout(cu, cu, n, n), states))  # [T, C]

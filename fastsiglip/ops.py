@@ -17,6 +17,8 @@ torch.ops.fastsiglip.mask_indices (registered here: it needs no triton).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
 from typing import NamedTuple
@@ -31,7 +33,29 @@ ATTENTION_HEAD_DIMS = (64, 72, 80, 96, 128)  # what kernels/attention.py compile
 _warned: set[str] = set()
 
 
+# using(impl): a block of eager code forced to one implementation (fastsiglip.patch(kernels=False)).
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastsiglip_impl", default=None)
+
+
+@contextlib.contextmanager
+def using(impl: str):
+    """Within the block (this thread or task), every op takes `impl` ("auto", "kernel" or
+    "reference") whatever FASTSIGLIP_IMPL says. Eager code only: torch.compile does not trace
+    context variables (a graph break), so compiled code follows FASTSIGLIP_IMPL."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    token = _FORCED.set(impl)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def _impl() -> str:
+    if not torch.compiler.is_compiling():
+        forced = _FORCED.get()
+        if forced is not None:
+            return forced
     impl = os.environ.get("FASTSIGLIP_IMPL", "auto").strip().lower() or "auto"
     if impl not in IMPLS:
         raise ValueError(f"FASTSIGLIP_IMPL={impl!r} is not one of {', '.join(IMPLS)}")

@@ -64,6 +64,7 @@ class BaseModelOutputWithPooling(ModelOutput):
     last_hidden_state: torch.Tensor | None = None  # [B, N, C]; NaFlex: zeros at padded positions
     pooler_output: torch.Tensor | None = None  # [B, D]
     hidden_states: tuple[torch.Tensor, ...] | None = None  # output_hidden_states: embeddings, then every layer
+    attentions: tuple[torch.Tensor, ...] | None = None  # transformers' field; never set (no attention matrix)
 
 
 @dataclass

@@ -13,6 +13,7 @@ Also the calling convention (`positional`): transformers' positional order per f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import pathlib
 import tempfile
 
 import torch
+import torch.utils.checkpoint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -176,7 +178,9 @@ class PreTrainedModelMixin:
     # -- activation checkpointing -------------------------------------------------------------
 
     def _layers(self) -> list:
-        return [m for m in self.modules() if hasattr(m, "checkpoint_kwargs")]  # model.EncoderLayer, in order
+        from .layers import EncoderLayer
+
+        return [m for m in self.modules() if isinstance(m, EncoderLayer)]
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
@@ -192,11 +196,17 @@ class PreTrainedModelMixin:
         if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
         kwargs = {"use_reentrant": False, **(given or {})}
+
+        def checkpoint(function, *args):
+            offloading = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            with offloading if offload else contextlib.nullcontext():
+                return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
         for index, layer in enumerate(self._layers()):
             layer.gradient_checkpointing = index % every_n_layers == 0
-            layer.checkpoint_kwargs, layer.checkpoint_offload = kwargs, bool(offload)
+            layer._gradient_checkpointing_func = checkpoint
         for module in self.modules():
-            if hasattr(module, "layers") and hasattr(module, "gradient_checkpointing"):  # model.Encoder
+            if hasattr(module, "layers") and hasattr(module, "gradient_checkpointing"):  # layers.Encoder
                 module.gradient_checkpointing = True
 
     def activation_checkpointing_disable(self) -> None:

@@ -110,3 +110,21 @@ def test_implementation_names_match_the_suite():
         case = benchmarks.cases(op, torch.device("cpu"))[0]
         made = {name.split(" (")[0] for name in benchmarks.implementations(op, case, "cpu", torch.float32)}
         assert made == set(benchmarks.IMPLEMENTATIONS[op]), op
+
+
+def test_vlm_tower_bench_runs_on_the_cpu_reference_path(tmp_path):
+    """bench/vlm.py on a CPU: one layer of each kind of tower, patched and not, labelled as the
+    reference path; the peers that need CUDA are listed as skipped with their reason."""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSIGLIP_IMPL")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "vlm.py"), "--towers", "so400m-224", "smolvlm-512",
+                           "--layers", "1", "--batch", "2", "--rep", "3", "--out-dir", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("vlm-*.json")).read_text())
+    timed = [r for r in result["rows"] if "ms" in r]
+    assert {(r["tower"], r["pass"], r["impl"]) for r in timed} == {
+        (t, p, i) for t in ("so400m-224", "smolvlm-512") for p in ("fwd", "fwd+bwd")
+        for i in ("transformers sdpa", "fastsiglip.patch")}
+    assert all(r["path"] == "CPU reference path" and r["ms"] > 0 for r in timed)
+    assert all(r["skipped"] for r in result["rows"] if "ms" not in r)
