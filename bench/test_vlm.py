@@ -9,11 +9,11 @@ import torch
 import vlm
 
 CUDA = torch.cuda.is_available()
-CASES = [("so400m-224", 32), ("so400m-448", 8), ("smolvlm-512", 8)]
+CASES = vlm.BENCH_CASES
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["transformers sdpa", "fastsiglip.patch"])
+@pytest.mark.parametrize("pass_", vlm.BENCH_PASSES)
+@pytest.mark.parametrize("impl", vlm.BENCH_IMPLEMENTATIONS)
 @pytest.mark.parametrize("tower,batch", CASES, ids=[c[0] for c in CASES])
 def test_vlm_tower(benchmark, tower, batch, impl, pass_):
     if not CUDA:

@@ -36,6 +36,10 @@ from fastsiglip import benchmarks  # noqa: E402
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14)
 BASE16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16)
+# pytest-benchmark's entries (bench/test_vlm.py): (tower, batch) x implementation x pass
+BENCH_CASES = [("so400m-224", 32), ("so400m-448", 8), ("smolvlm-512", 8)]
+BENCH_IMPLEMENTATIONS = ["transformers sdpa", "fastsiglip.patch"]
+BENCH_PASSES = ["fwd", "fwd+bwd"]
 TOWERS = {"so400m-224": ("siglip", SO400M, 224), "so400m-448": ("siglip", SO400M, 448),
           "so400m-896": ("siglip", SO400M, 896), "smolvlm-512": ("idefics3", BASE16, 512)}
 DEFAULT_BATCH = {224: 64, 448: 16, 512: 16, 896: 4}
