@@ -34,13 +34,17 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+from . import files
 from .loading import checkpoint_fingerprint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -135,8 +139,7 @@ def classify(model, images, labels, *, template: str = DEFAULT_TEMPLATE, process
     labels = [labels] if isinstance(labels, str) else list(labels)
     if not labels:
         raise ValueError("zero_shot needs at least one label")
-    if not isinstance(template, str) or "{}" not in template:
-        raise ValueError(f"template {template!r} has no '{{}}' where the label goes")
+    check_template(template)
     images = _as_list(images)
     proc = _processor(model, processor)
     text = encode_texts(model, [template.format(label) for label in labels], processor=proc)  # [L, D]
@@ -155,6 +158,24 @@ def classify(model, images, labels, *, template: str = DEFAULT_TEMPLATE, process
             results[start + i] = [{"score": s, "label": label}
                                   for s, label in sorted(zip(row, labels), key=lambda x: -x[0])]
     return {"results": results, "failed": failed}
+
+
+def check_template(template) -> None:
+    """A prompt template holds exactly one '{}' (where the label goes) and nothing else str.format
+    would read: '{} {}', '{0}', '{label}' or a lone '{' are errors, not a crash mid-job."""
+    import string
+
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string with one '{{}}' where the label goes, got {template!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a format string ({e}); write a literal brace as '{{{{' or "
+                         "'}}}}'") from None
+    if fields != [""]:
+        raise ValueError(f"template {template!r} must hold exactly one '{{}}' where the label goes (it has "
+                         f"{len(fields)} replacement fields); write literal braces as '{{{{' and '}}}}'")
+    template.format("label")  # a format spec such as '{:d}' fails here, on the first label, not mid-job
 
 
 def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, processor=None, batch_size: int = 32,
@@ -176,17 +197,63 @@ def zero_shot(model, images, labels, *, template: str = DEFAULT_TEMPLATE, proces
 
 
 def list_images(inputs) -> list[str]:
-    """Files as given, folders searched recursively for image files; sorted, de-duplicated."""
-    found = []
+    """Files as given, folders searched recursively for image files (symlinked folders followed,
+    each real folder once); sorted, de-duplicated. A folder that cannot be read is an error
+    (embed_files lists it as skipped instead)."""
+    found, unreadable = _list_images(inputs)
+    if unreadable:
+        raise PermissionError(f"cannot read folder {unreadable[0][0]}: {unreadable[0][1]}")
+    return found
+
+
+def _list_images(inputs) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image files, [(folder, error)] of the folders that could not be read)."""
+    found, unreadable = [], []
     for item in _as_list(inputs):
         path = pathlib.Path(item)
         if path.is_dir():
-            found += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += _walk_images(path, unreadable)
         elif path.exists():
             found.append(str(path))
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), unreadable
+
+
+def _walk_images(root: pathlib.Path, unreadable: list) -> list[str]:
+    """Image files under `root`, sorted; symlinked subfolders followed except into a folder
+    already walked (a link loop, or a second link to one folder), unreadable folders noted."""
+    files, seen = [], set()
+
+    def failed(error: OSError):
+        unreadable.append((error.filename or str(root), error.strerror or str(error)))
+
+    for folder, subfolders, names in os.walk(root, onerror=failed, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [os.path.join(folder, n) for n in names if pathlib.Path(n).suffix.lower() in IMAGE_SUFFIXES
+                  and os.path.isfile(os.path.join(folder, n))]
+    return sorted(str(pathlib.Path(f)) for f in files)
+
+
+def _text_lines(path: pathlib.Path) -> list[str]:
+    """The lines of a UTF-8 text file: "\n", "\r\n" or a lone "\r" ends a line (as Python's
+    universal newlines); a byte-order mark is dropped; a final line ending adds no line. Not
+    UTF-8: an error naming the file and the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}); save it as UTF-8") from None
+    lines = re.split(r"\r\n|\r|\n", text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def image_inputs(inputs, *, image_column: str = "image"):
@@ -214,7 +281,9 @@ def image_inputs(inputs, *, image_column: str = "image"):
         path = pathlib.Path(text)
         suffix = path.suffix.lower()
         if path.is_dir():
-            records += [data.Record(f, f, "") for f in list_images([path])]
+            found, unreadable = _list_images([path])
+            records += [data.Record(f, f, "") for f in found]
+            skipped += [(folder, f"folder not readable: {error}") for folder, error in unreadable]
         elif suffix in (".tar",) or ("{" in text and not path.exists()):
             shards = data.expand_braces(text)
             missing = [s for s in shards if not os.path.isfile(s)]
@@ -227,10 +296,12 @@ def image_inputs(inputs, *, image_column: str = "image"):
         elif not path.is_file():
             raise FileNotFoundError(f"{text}: no such file or folder")
         elif suffix in (".csv", ".tsv", ".jsonl"):
-            records += data.read_manifest(path, image_column=image_column, text_column=None).records
+            manifest = data.read_manifest(path, image_column=image_column, text_column=None)
+            records += manifest.records
+            skipped += manifest.skipped
         elif suffix == ".txt":
             folder = path.parent.resolve()
-            for line in path.read_text(encoding="utf-8").split("\n"):
+            for line in _text_lines(path):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     file = pathlib.Path(line).expanduser()
@@ -254,7 +325,7 @@ def image_inputs(inputs, *, image_column: str = "image"):
 def read_texts(path, *, column: str = "text", id_column: str | None = None) -> tuple[list[str], list[str]]:
     """(keys, texts) of `fastsiglip embed-text`'s input.
 
-      * .txt: one text a line (UTF-8, "\\n" or "\\r\\n"); key: the line number (1-based). An empty
+      * .txt: one text a line (UTF-8; "\\n", "\\r\\n" or a lone "\\r" ends a line); key: the line number (1-based). An empty
         line is kept as an empty text (the tokenizer gives EOS and padding), so that row i of the
         output is line i + 1 of the file; a final newline does not make an extra line.
       * .jsonl: one JSON object a line with a string `column` (blank lines ignored); key: the
@@ -271,11 +342,7 @@ def read_texts(path, *, column: str = "text", id_column: str | None = None) -> t
         raise ValueError(f"{path}: embed-text reads .txt (one text a line), .jsonl, .csv or .tsv files")
     keys, texts = [], []
     if suffix == ".txt":
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not text
-            lines = f.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        texts = [line.removesuffix("\r") for line in lines]
+        texts = _text_lines(path)
         keys = [str(i + 1) for i in range(len(texts))]
     else:
         from . import data
@@ -322,67 +389,75 @@ def _job_identity(model, proc, max_num_patches, kind: str = "images", decode: st
             "dtype": str(next(model.parameters()).dtype), "processing": settings}
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_safetensors(path, embeddings, meta):
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp),
-                                              metadata={k: json.dumps(v) for k, v in meta.items()}))
+    files.atomic_write(path, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp),
+                                                   metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 def _save_npy(path, embeddings, meta):
+    """The rows (.npy) and their row -> key map (.npy.json), which .npy cannot hold: both written
+    in full to temporary files first (a full disk fails here, changing nothing), then the data
+    renamed into place, then the metadata, so a crash between the two renames leaves a .json
+    that does not match its .npy (refused on --resume, never read as a valid output)."""
     import numpy as np
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
+    side = path.with_name(path.name + ".json")
+    data_tmp, side_tmp = files.tmp_path(path), files.tmp_path(side)
+    try:
+        with open(data_tmp, "wb") as f:
             np.save(f, embeddings.numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(side_tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(data_tmp, path)
+        os.replace(side_tmp, side)
+        files.fsync_dir(path.parent)
+    finally:
+        for tmp in (data_tmp, side_tmp):
+            if tmp.exists():
+                tmp.unlink()
 
-    side = path.with_name(path.name + ".json")  # the row -> key map, which .npy cannot hold
-    _atomic_write(side, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    _atomic_write(path, write)
 
+def _read_output(path: pathlib.Path, field: str = "paths", rows: bool = True):
+    """(embeddings [N, D], meta) of a finished output file (or a partial chunk); rows=False: (None,
+    meta), reading no embeddings (a .npy's row count is checked from its header). Anything that
+    is not such a file is a ValueError naming it."""
+    side = path.with_name(path.name + ".json")
+    if path.suffix == ".npy" and not side.is_file():
+        raise ValueError(f"{path} has no {side.name} (its row -> key map): cannot resume from it; delete it "
+                         "or pass --overwrite")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
 
-def _read_output(path: pathlib.Path, field: str = "paths"):
-    """(embeddings [N, D], meta) of a finished output file (or a partial chunk)."""
-    if path.suffix == ".npy":
-        import numpy as np
+            meta = json.loads(side.read_text(encoding="utf-8"))
+            array = np.load(path, mmap_mode=None if rows else "r", allow_pickle=False)
+            count, emb = array.shape[0], torch.from_numpy(array) if rows else None
+        else:
+            from safetensors import safe_open
 
-        side = path.with_name(path.name + ".json")
-        if not side.is_file():
-            raise ValueError(f"{path} has no {side.name} (its row -> key map): cannot resume from it")
-        emb, meta = torch.from_numpy(np.load(path)), json.loads(side.read_text())
-    else:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            emb, meta = f.get_tensor("embeddings"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    if field not in meta or (meta[field] and emb.shape[0] != len(meta[field])):
+            with safe_open(str(path), framework="pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+                count = f.get_slice("embeddings").get_shape()[0]
+                emb = f.get_tensor("embeddings") if rows else None
+    except Exception as e:  # not safetensors / .npy, truncated, not JSON, no "embeddings" tensor
+        raise ValueError(f"{path} is not an embeddings file written by fastsiglip ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); delete it, pass --overwrite, or "
+                         "choose another --out") from None
+    if not isinstance(meta, dict) or field not in meta or (meta[field] and count != len(meta[field])):
         raise ValueError(f"{path}: its rows and its list of {field} disagree (not written by this fastsiglip job, "
                          "or a .npy and its .json from different runs); delete it or pass --overwrite")
     return emb, meta
 
 
-def _read_meta(path: pathlib.Path) -> dict:
+def _read_meta(path: pathlib.Path, field: str = "paths") -> dict:
     """The metadata of a finished output, without its embeddings."""
-    if path.suffix == ".npy":
-        side = path.with_name(path.name + ".json")
-        if not side.is_file():
-            raise ValueError(f"{path} has no {side.name} (its row -> key map): cannot resume from it")
-        return json.loads(side.read_text())
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return _read_output(path, field, rows=False)[1]
 
 
 def _check_same_job(what, meta: dict, identity: dict) -> None:
@@ -394,6 +469,10 @@ def _check_same_job(what, meta: dict, identity: dict) -> None:
     if meta.get("inputs") != identity.get("inputs"):
         raise ValueError(f"{what} is a torchrun shard of another list of inputs: shards are resumed only over the "
                          "same inputs (others would move rows between shards); pass --overwrite or a new --out")
+    if "texts_sha256" in identity and meta.get("texts_sha256") != identity["texts_sha256"]:
+        raise ValueError(f"{what} was written from other texts (the file was edited or extended since: keys are line "
+                         "or row numbers, so a changed file would give keys other texts); embed the new texts into "
+                         "another --out, or pass --overwrite to start over")
     for key, value in identity.items():
         if meta.get(key) != value:
             raise ValueError(f"{what} was written with another {key} ({meta.get(key)!r}, now {value!r}): "
@@ -416,7 +495,11 @@ class _Partial:
 
     def load(self):
         """(embedding chunks, done keys, failures) saved by an earlier run of the same job."""
-        _check_same_job(str(self.folder), json.loads((self.folder / "job.json").read_text()), self.identity)
+        try:
+            job = json.loads((self.folder / "job.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.folder / 'job.json'} is unreadable ({e}); pass --overwrite to start over") from None
+        _check_same_job(str(self.folder), job if isinstance(job, dict) else {}, self.identity)
         files, chunks, done, failed = self.chunks(), [], [], []
         for path in files:
             emb, meta = _read_output(path, self.field)
@@ -431,7 +514,7 @@ class _Partial:
         """A fresh partial folder (an old one is removed)."""
         self.remove()
         self.folder.mkdir()
-        (self.folder / "job.json").write_text(json.dumps(self.identity))
+        files.atomic_write(self.folder / "job.json", lambda tmp: tmp.write_text(json.dumps(self.identity)))
 
     def add(self, embeddings, keys, failed):
         emb = embeddings if embeddings is not None else torch.zeros(0, 0)
@@ -457,12 +540,64 @@ def _run_job(out, identity, keys, encode, *, field, unit, resume, overwrite, pro
     the CPU or None, the n keys embedded, [(key, error)] of the ones that failed), batch after
     batch over the input positions `todo`. skipped: (key, reason) left out before encoding.
     allow_empty (a file of sharded output): no rows is an empty output, not an error."""
+    out = check_output(out, resume=resume, overwrite=overwrite)
+    with files.output_lock(out, f"embed job (field {field})"):
+        return _run_locked(out, identity, keys, encode, field=field, unit=unit, resume=resume, overwrite=overwrite,
+                           progress=progress, skipped=skipped, allow_empty=allow_empty)
+
+
+def check_output(out, *, resume: bool = False, overwrite: bool = False) -> pathlib.Path:
+    """The checks on an output path that need no work done: its suffix, not a folder, its folder
+    writable (created if missing). Raises ValueError saying what to pass instead."""
     out = pathlib.Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
     if resume and overwrite:
         raise ValueError("pass --resume (continue or extend the output) or --overwrite (start over), not both")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name a file inside it, e.g. {out / 'embeddings'}{out.suffix}")
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create its folder {folder} ({e.strerror})") from None
+    try:  # a real probe: permissions, a read-only filesystem, root or not
+        tempfile.TemporaryFile(dir=folder, prefix=files.TMP_PREFIX + "probe-").close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in its folder {folder} ({e.strerror}); choose another --out") \
+            from None
+    return out
+
+
+def _run_locked(out, identity, keys, encode, *, field, unit, resume, overwrite, progress, skipped, allow_empty):
+    files.remove_stale_tmp(out.parent, out.name)  # a killed run's half-written output (we hold the lock)
+    files.remove_stale_tmp(out.parent, out.name + ".json")
     partial = _Partial(out, identity, field)
+    try:
+        return _run_steps(out, partial, identity, keys, encode, field=field, unit=unit, resume=resume,
+                          overwrite=overwrite, progress=progress, skipped=skipped, allow_empty=allow_empty)
+    except OSError as e:  # a full disk, a folder gone read-only: the batches done so far stay in .partial/
+        kept = f"; the finished batches are kept in {partial.folder}: fix it and rerun with --resume" \
+            if partial.exists() else ""
+        where = f" ({e.filename})" if e.filename else ""
+        raise OSError(e.errno, f"cannot write {out}{where}: {e.strerror or e}{kept}") from e
+    except KeyboardInterrupt as e:
+        kept = f"the finished batches are kept in {partial.folder}: rerun with --resume to continue" \
+            if partial.exists() else "nothing was written"
+        raise JobInterrupted(kept, getattr(e, "signum", signal.SIGINT)) from None
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, when the CLI turned it into an exception carrying `signum`) during an
+    embed job; the message says what was kept. The CLI exits 128 + signum (130, 143)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+def _run_steps(out, partial, identity, keys, encode, *, field, unit, resume, overwrite, progress, skipped,
+               allow_empty):
     if not resume and not overwrite:
         if partial.exists():
             raise ValueError(f"{partial.folder} holds the work of an unfinished run: pass --resume (resume=True) to "
@@ -476,7 +611,7 @@ def _run_job(out, identity, keys, encode, *, field, unit, resume, overwrite, pro
     if resuming:
         chunks, done, failed = partial.load()
     elif from_output:  # a finished run: embed only the inputs added since
-        meta = _read_meta(out)
+        meta = _read_meta(out, field)
         _check_same_job(str(out), meta, identity)
         known = set(meta.get(field, ())) | {k for k, _ in meta.get("failed", ())}
         if all(k in known for k in keys):  # nothing new: the embeddings need not be read
@@ -510,9 +645,10 @@ def _run_job(out, identity, keys, encode, *, field, unit, resume, overwrite, pro
     if not chunks:
         partial.remove()
         raise ValueError(f"none of the {total} {unit} could be read; first error: {failed[0][1] if failed else '?'}")
-    if todo or overwrite or not out.exists():
-        meta = dict(identity, failed=failed, **{field: done})
-        (_save_safetensors if out.suffix == ".safetensors" else _save_npy)(out, torch.cat(chunks), meta)
+    # Written even when nothing was left to do: .partial/ may hold everything (a run whose final
+    # write failed), and it is removed only once the output holds it.
+    meta = dict(identity, failed=failed, **{field: done})
+    (_save_safetensors if out.suffix == ".safetensors" else _save_npy)(out, torch.cat(chunks), meta)
     partial.remove()
     return {"count": len(done), field: done, "failed": failed, "new": len(todo)}
 
@@ -585,16 +721,16 @@ def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, 
     n = len(keys)
     if shard_size:
         count = -(-n // shard_size)
-        files = [(shard_path(out, k, count), k * shard_size, min((k + 1) * shard_size, n))
+        targets = [(shard_path(out, k, count), k * shard_size, min((k + 1) * shard_size, n))
                  for k in range(count * rank // world_size, count * (rank + 1) // world_size)]
     else:
-        files = [(shard_path(out, rank, world_size), n * rank // world_size, n * (rank + 1) // world_size)]
+        targets = [(shard_path(out, rank, world_size), n * rank // world_size, n * (rank + 1) // world_size)]
     # The splits depend on the whole input list: a file is resumed only with the same inputs and
     # split (added or removed inputs would move others between files: lost or embedded twice).
     identity = dict(identity, inputs=hashlib.sha256(json.dumps(keys).encode()).hexdigest())
     reports, outcome, failure = [], {"files": []}, None
     try:
-        for i, (path, lo, hi) in enumerate(files):
+        for i, (path, lo, hi) in enumerate(targets):
             report = _run_job(path, dict(identity, share=[lo, hi]), keys[lo:hi],
                               lambda todo, lo=lo: encode([lo + j for j in todo]), field=field, unit=unit,
                               resume=resume, overwrite=overwrite, progress=progress and rank == 0,
@@ -615,24 +751,31 @@ def _run_sharded(out, identity, keys, encode, *, rank, world_size, field, unit, 
                              f"of {group.get_world_size()}")
         outcomes = [None] * world_size
         group.all_gather_object(outcomes, outcome)
-        if started:
-            group.destroy_process_group()
     errors = [f"rank {r}: {o['error']}" if world_size > 1 else o["error"]
               for r, o in enumerate(outcomes or [outcome]) if "error" in o]
-    if errors:
-        raise ValueError("; ".join(errors)) from failure
     index = None
-    if rank == 0 and outcomes is not None:
+    if rank == 0 and outcomes is not None and not errors:
         entries = [f for o in outcomes for f in o["files"]]
         content = {"rows": sum(f["rows"] for f in entries), "world_size": world_size, "shard_size": shard_size,
                    "files": [{"file": f["file"], "rows": f["rows"], "failed": len(f["failed"])} for f in entries],
                    "failed": [*(x for f in entries for x in f["failed"]), *map(list, skipped)]}
         index = index_path(out)
-        _atomic_write(index, lambda tmp: tmp.write_text(json.dumps(dict(identity, **content), indent=1)))
+        try:
+            files.atomic_write(index, lambda tmp: tmp.write_text(json.dumps(dict(identity, **content), indent=1)))
+        except OSError as e:
+            errors.append(f"writing {index}: {e}; the shards are complete: rerun with --resume to write it")
+    if group is not None:
+        # No rank leaves before rank 0 wrote the index: torchrun stops every rank once one exits with
+        # a status other than 0 (1 when some inputs were skipped), which would lose the index.
+        group.barrier()
+        if started:
+            group.destroy_process_group()
+    if errors:
+        raise ValueError("; ".join(errors)) from failure
     return {"count": sum(r["count"] for r in reports), field: [k for r in reports for k in r[field]],
             "failed": [*(x for r in reports for x in r["failed"]), *(map(tuple, skipped) if rank == 0 else ())],
             "new": sum(r["new"] for r in reports),
-            "shards": [str(path) for path, _, _ in files], "index": str(index) if index else None}
+            "shards": [str(path) for path, _, _ in targets], "index": str(index) if index else None}
 
 
 def default_workers() -> int:
@@ -695,8 +838,7 @@ def embed_files(model, inputs, out, *, batch_size: int = 32, resume: bool = Fals
         workers = default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
-    if pathlib.Path(out).suffix not in (".safetensors", ".npy"):
-        raise ValueError(f"--out {out}: the output must end in .safetensors or .npy")
+    check_output(out, resume=resume, overwrite=overwrite)  # before listing and encoding anything
     pairs = image_inputs(inputs, image_column=image_column)
     proc = _processor(model, processor)
     if proc.image_processor is None:
@@ -753,6 +895,7 @@ def embed_texts(model, source, out, *, column: str = "text", id_column: str | No
     padded, no attention mask. Empty lines are kept as empty texts. Returns {"count", "keys",
     "failed" (always empty), "new"}. Under torchrun: shards and an index, as embed_files."""
     _check_batch_size(batch_size)
+    check_output(out, resume=resume, overwrite=overwrite)
     keys, texts = read_texts(source, column=column, id_column=id_column)
     proc = _processor(model, processor)
     if proc.tokenizer is None or not hasattr(model, "get_text_features"):

@@ -10,10 +10,11 @@
     torchrun --nproc-per-node N -m fastsiglip embed ... --out emb.safetensors   # N shards + emb.safetensors.index.json
     fastsiglip train --model ID --train pairs.csv --out runs/a --batch-size 4096 --micro-batch-size 256 --steps 1000
 
-classify exits 0 when every image was classified, 1 when some could not be read (listed on
-stderr), 2 on an error that stopped the job (message on stderr). embed and embed-text exit 0 when
-the output is complete (unreadable images skipped and listed on stderr), 2 on an error, e.g. an
-existing output without --resume (add what it lacks) or --overwrite (start over).
+Exit status (main): 0 done; 1 done in part (classify: some images unreadable; embed: some inputs
+skipped, listed on stderr, the output holds the rest); 2 an error stopped the command (one line
+on stderr; --debug or FASTSIGLIP_DEBUG=1 adds the traceback), e.g. an existing output without
+--resume (add what it lacks) or --overwrite (start over); 130 / 143 on Ctrl-C / SIGTERM, after
+keeping what was finished (embed: OUT.partial/, train: a resume checkpoint).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 
 import torch
 
@@ -225,8 +229,9 @@ def _load_for_job(args):
 def cmd_classify(args) -> int:
     """Exit status 0: every image classified; 1: some could not be read (listed on stderr and,
     with --json, as {"image", "error"} entries); 2: nothing done (bad arguments, model)."""
-    from .api import classify
+    from .api import check_template, classify
 
+    check_template(args.template)  # before the model loads: bad arguments fail at once
     model = _load_for_job(args)
     report = classify(model, args.images, args.labels, template=args.template, batch_size=args.batch_size,
                       max_num_patches=args.max_num_patches)
@@ -247,8 +252,9 @@ def cmd_classify(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .api import embed_files
+    from .api import check_output, embed_files
 
+    check_output(args.out, resume=args.resume, overwrite=args.overwrite)  # before the model loads
     model = _load_for_job(args)
     report = embed_files(model, args.inputs, args.out, batch_size=args.batch_size, resume=args.resume,
                          overwrite=args.overwrite, progress=not args.quiet, max_num_patches=args.max_num_patches,
@@ -269,12 +275,13 @@ def _embed_report(args, report, what) -> int:
         print(f"{target} is complete: {report['count']} embeddings, no new {what}{skipped}")
     else:
         print(f"wrote {report['count']} embeddings to {target}{skipped}")
-    return 0
+    return 1 if report["failed"] else 0  # done in part: the skipped inputs are listed above
 
 
 def cmd_embed_text(args) -> int:
-    from .api import embed_texts
+    from .api import check_output, embed_texts
 
+    check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     model = _load_for_job(args)
     report = embed_texts(model, args.input, args.out, column=args.column, id_column=args.id_column,
                          batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
@@ -287,7 +294,7 @@ def cmd_train(args) -> int:
     SIGINT after saving a resume checkpoint; 2: an error stopped the job."""
     from .train import finetune
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "quiet")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "quiet", "debug")}
     result = finetune(args.model, progress=not args.quiet, **options)
     if result["interrupted"]:
         return 128 + result["signal"]
@@ -359,8 +366,11 @@ def _job_options(parser) -> None:
 
 def _output_options(parser, what) -> None:
     parser.add_argument("--out", required=True, help="output file: .safetensors or .npy (+ .npy.json)")
-    parser.add_argument("--resume", action="store_true", help=f"continue an interrupted run, or add new {what} "
-                        "to a finished output (same checkpoint and settings only)")
+    resume = (f"continue an interrupted run, or add new {what} to a finished output (same checkpoint and settings "
+              "only)") if what == "files" else ("continue an interrupted run over the same, unchanged file (keys are "
+                                                "line or row numbers: an edited or extended file is refused; embed "
+                                                "the new texts into another --out)")
+    parser.add_argument("--resume", action="store_true", help=resume)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (or the unfinished "
                         "run in OUT.partial/); without --resume or --overwrite an existing one is an error")
     parser.add_argument("--shard-size", type=int, help="write files of at most N inputs (OUT_STEM-KKKKK-of-NNNNN) "
@@ -414,20 +424,100 @@ def build_parser() -> argparse.ArgumentParser:
     embed_text.set_defaults(func=cmd_embed_text, batch_size=256)
 
     _train_parser(sub)
+    _add_debug(parser)
     return parser
 
 
+def _add_debug(parser) -> None:
+    """--debug on every (sub)command: a traceback with the one-line error."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        parser.add_argument("--debug", action="store_true", help="print the traceback of an error "
+                            "(also: FASTSIGLIP_DEBUG=1)")
+    for action in actions:
+        for child in dict.fromkeys(action.choices.values()):
+            _add_debug(child)
+
+
+POSITIVE_OPTIONS = ("batch_size", "max_num_patches", "batch", "shard_size", "iters", "rep", "plot_batches")
+
+
+def _check_numbers(args) -> str | None:
+    for option in POSITIVE_OPTIONS:
+        value = getattr(args, option, None)
+        if value is not None and min(value if isinstance(value, list) else [value]) < 1:
+            return f"--{option.replace('_', '-')} must be at least 1"
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        return "--workers must be at least 0 (0: decode in the main process)"
+    return None
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) turned into an exception, so a job stops as on Ctrl-C: what it finished
+    stays (embed: OUT.partial/), and the exit status is 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise Signalled(signum)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename and error.filename not in str(error.strerror):
+        text = f"{error.strerror}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    if isinstance(error, (KeyError, IndexError, TypeError, AttributeError, AssertionError)) or type(error) in (
+            Exception, RuntimeError):
+        text = f"{type(error).__name__}: {text}"
+    return " ".join(text.split())  # one line
+
+
 def main(argv=None) -> int:
+    """Exit status, every command: 0 done; 1 done in part (classify: some images unreadable; embed,
+    embed-text: some inputs skipped, the output holds the rest); 2 an error stopped the command,
+    one line `fastsiglip <command>: error: ...` on stderr (FASTSIGLIP_DEBUG=1 or --debug adds the
+    traceback); 130 Ctrl-C, 143 SIGTERM (128 + the signal), after keeping what was finished."""
     args = build_parser().parse_args(_bench_argv(argv))
-    for option in ("batch_size", "max_num_patches", "batch", "shard_size"):
-        if getattr(args, option, None) is not None and getattr(args, option) < 1:
-            print(f"fastsiglip {args.command}: error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
+    debug = getattr(args, "debug", False) or os.environ.get("FASTSIGLIP_DEBUG", "") not in ("", "0")
+    problem = _check_numbers(args)
+    if problem:
+        print(f"fastsiglip {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _raise_signalled)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"fastsiglip {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM; api.JobInterrupted says what was kept
+        signum = getattr(e, "signum", signal.SIGINT)
+        if debug:
+            traceback.print_exc()
+        kept = str(e) if str(e) and not isinstance(e, Signalled) else ""
+        print(f"fastsiglip {args.command}: interrupted ({signal.Signals(signum).name})" + (f": {kept}" if kept else ""),
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"fastsiglip {args.command}: error: {_one_line(e)}"
+              + ("" if debug or _expected(e) else " (FASTSIGLIP_DEBUG=1 shows the traceback)"), file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _expected(error: Exception) -> bool:
+    """An error whose message is the whole story (bad input, a file problem), not a bug of ours."""
+    from .files import OutputBusy
+
+    return isinstance(error, (ValueError, OSError, ImportError, OutputBusy))
 
 
 if __name__ == "__main__":

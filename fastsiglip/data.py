@@ -46,7 +46,9 @@ import os
 import pathlib
 import re
 import signal
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -260,7 +262,8 @@ def read_table(path) -> list[tuple[int, object]]:
 def read_manifest(path, *, image_column: str = "image", text_column: str | None = "text") -> Pairs:
     """text_column None: images only (`fastsiglip embed`), every caption ""."""
     path = pathlib.Path(path)
-    rows = [row for _, row in read_table(path)]
+    numbered = read_table(path)
+    rows = [row for _, row in numbered]
     columns = set().union(*(r.keys() for r in rows if isinstance(r, dict)))
     if not rows:
         raise DataError(f"manifest {path} has no rows")
@@ -269,14 +272,27 @@ def read_manifest(path, *, image_column: str = "image", text_column: str | None 
             raise DataError(f"manifest {path} has no {role} column {column!r} (its columns: "
                             f"{', '.join(sorted(map(str, columns)))}); name it with {option}")
     folder = path.parent.resolve()
-    records = []
-    for i, row in enumerate(rows):
+    records, skipped = [], []
+    for number, row in numbered:
+        where = f"manifest {path}, {'line' if path.suffix.lower() == '.jsonl' else 'row'} {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a {type(row).__name__}, not an object with an {image_column!r} field")
         image, text = row.get(image_column), row.get(text_column) if text_column is not None else ""
-        if not isinstance(row, dict) or not isinstance(image, str) or not image or text is None:
-            raise DataError(f"manifest {path}, row {i + 1}: needs a non-empty {image_column!r} and a {text_column!r}")
+        if image in (None, "") and text_column is None:  # embedding images: the row is skipped and listed
+            skipped.append((f"{path}:{number}", f"{where}: empty {image_column!r} cell"))
+            continue
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: empty or non-string {image_column!r} cell ({image!r}); every training pair "
+                            "needs an image path")
+        if text is None:
+            raise DataError(f"{where}: no {text_column!r} value; every training pair needs a text")
         file = pathlib.Path(image).expanduser()
         records.append(Record(image, str(file if file.is_absolute() else folder / file), str(text)))
-    return Pairs(records, [range(len(records))], str(path), text_column)
+    if not records:
+        raise DataError(f"manifest {path}: no row has an {image_column!r} value")
+    pairs = Pairs(records, [range(len(records))], str(path), text_column)
+    pairs.skipped = skipped
+    return pairs
 
 
 def index_shards(shards: list[str], *, text_column: str = "text", source: str | None = None,
@@ -553,9 +569,41 @@ def _identity(x):
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT / SIGTERM: a Ctrl-C or a scheduler's SIGTERM reaches the
     whole process group, and the training process must still get its batches while it finishes
-    the step and saves a checkpoint. Workers end when the loader is closed or their parent dies."""
+    the step and saves a checkpoint. Workers end when the loader is closed or their parent dies:
+    a worker blocked on a full pipe never looks at its parent (torch's watchdog runs between
+    items only), so each also asks the kernel for SIGKILL when its parent dies (Linux), and a
+    thread checks the parent every second elsewhere."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """This process is killed when its parent dies, however that parent dies (kill -9 included)."""
+    import threading
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before the request: nobody will send it
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastsiglip-parent-watchdog", daemon=True).start()
 
 
 def loader(dataset, items, *, workers: int = 0, pin_memory: bool = False, timeout: float = 0, prefetch: int = 2):
