@@ -10,6 +10,9 @@
 - Strict: the checkpoint's keys (after the key map below) must be exactly the model's, with
   the same shapes. Anything else is one error that lists every offending key; nothing is
   silently re-initialized (transformers only warns there).
+- One dtype: a tensor stored unlike the rest of the checkpoint (one float16 LayerNorm among
+  float32 weights, an int64 copy of a float parameter) is cast to the model's dtype, as
+  transformers casts it, with one warning that counts and names them.
 
 Never imports transformers.
 """
@@ -179,7 +182,8 @@ def _resolve_hub(name: str, revision, cache_dir, local_files_only, is_path: bool
 def load(name_or_path, *, device=None, dtype=None, revision: str | None = None, cache_dir=None,
          local_files_only: bool | None = None) -> nn.Module:
     """The model of a checkpoint folder or hub id, in eval mode, with its weights on `device`
-    (default "cpu") in `dtype` (None: as stored; "auto": config.json's dtype; or a torch.dtype /
+    (default "cpu") in `dtype` (None: as stored, i.e. the dtype of most of the checkpoint's floating
+    elements, the odd tensors cast to it with one warning; "auto": config.json's dtype; or a torch.dtype /
     "float32" / "float16" / "bfloat16"). `model.checkpoint_dir` is the resolved folder."""
     device = _device(device)
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -204,8 +208,8 @@ def load(name_or_path, *, device=None, dtype=None, revision: str | None = None, 
         with _open(file, device) as f:
             for key, name in names.items():
                 tensor = f.get_tensor(key)
-                # Every floating parameter or buffer is cast to the model's dtype, integer ones
-                # (none in fastsiglip's models; an index buffer would be) are kept as stored.
+                # Every tensor of a floating parameter / buffer gets the model's dtype; a legitimately
+                # integer one (an index buffer; fastsiglip's models have none) is kept as stored.
                 if expected[name].is_floating_point() and tensor.dtype != dtype:
                     if tensor.dtype != stored:
                         odd[str(tensor.dtype).removeprefix("torch.")] += 1
@@ -335,8 +339,9 @@ def _warn_cast(folder, odd: Counter, names: list[str], stored: torch.dtype, dtyp
     count = sum(odd.values())
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     origin = ", ".join(f"{n} from {name}" for name, n in sorted(odd.items()))
-    warnings.warn(f"{folder}: cast {count} checkpoint tensor(s) stored unlike the rest ({str(stored)[6:]}) to "
-                  f"{str(dtype)[6:]} ({origin}): {shown}", stacklevel=3)
+    stored, dtype = (str(d).removeprefix("torch.") for d in (stored, dtype))
+    warnings.warn(f"{folder}: cast {count} checkpoint tensor(s) stored unlike the rest ({stored}) to {dtype} "
+                  f"({origin}): {shown}", stacklevel=3)
 
 
 def map_keys(headers: dict, expected: dict, architecture: str, folder) -> dict[pathlib.Path, dict[str, str]]:
