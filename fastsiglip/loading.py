@@ -10,6 +10,9 @@
 - Strict: the checkpoint's keys (after the key map below) must be exactly the model's, with
   the same shapes. Anything else is one error that lists every offending key; nothing is
   silently re-initialized (transformers only warns there).
+- One dtype: a tensor stored unlike the rest of the checkpoint (one float16 LayerNorm among
+  float32 weights, an int64 copy of a float parameter) is cast to the model's dtype, as
+  transformers casts it, with one warning that counts and names them.
 
 Never imports transformers.
 """
@@ -18,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
+import warnings
+from collections import Counter
 
 import safetensors
 import torch
@@ -79,6 +85,8 @@ KEY_RULES: dict[str, list[tuple[str, str]]] = {
 IGNORED_KEYS = (r"(^|\.)embeddings\.position_ids$",)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# safetensors' dtype names (the header's "dtype") of the floating tensors, as torch dtypes.
+_STORED_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -174,7 +182,8 @@ def _resolve_hub(name: str, revision, cache_dir, local_files_only, is_path: bool
 def load(name_or_path, *, device=None, dtype=None, revision: str | None = None, cache_dir=None,
          local_files_only: bool | None = None) -> nn.Module:
     """The model of a checkpoint folder or hub id, in eval mode, with its weights on `device`
-    (default "cpu") in `dtype` (None: as stored; "auto": config.json's dtype; or a torch.dtype /
+    (default "cpu") in `dtype` (None: as stored, i.e. the dtype of most of the checkpoint's floating
+    elements, the odd tensors cast to it with one warning; "auto": config.json's dtype; or a torch.dtype /
     "float32" / "float16" / "bfloat16"). `model.checkpoint_dir` is the resolved folder."""
     device = _device(device)
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -184,19 +193,31 @@ def load(name_or_path, *, device=None, dtype=None, revision: str | None = None, 
         raise ValueError(f"{folder / CONFIG_FILE}: {e}") from e
     dtype = _dtype(dtype, config)
     files = weight_files(folder)
-    headers = {file: _read_header(file) for file in files}  # file -> {key: shape}
+    headers = {file: _read_header(file) for file in files}  # file -> {key: (shape, stored dtype)}
 
     with torch.device("meta"):  # shapes only: the real tensors come from the checkpoint
         model = model_lib.build(config)
-    targets = map_keys(headers, model.state_dict(keep_vars=True), config.architecture, folder)
+    expected = model.state_dict(keep_vars=True)
+    targets = map_keys(headers, expected, config.architecture, folder)
+    stored = _stored_dtype(headers, targets)
+    dtype = stored if dtype is None else dtype
+    odd = Counter()  # stored dtype -> tensors stored unlike the rest (cast to `dtype`, warned)
+    odd_names = []
 
     for file, names in targets.items():
         with _open(file, device) as f:
             for key, name in names.items():
                 tensor = f.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                # Every tensor of a floating parameter / buffer gets the model's dtype; a legitimately
+                # integer one (an index buffer; fastsiglip's models have none) is kept as stored.
+                if expected[name].is_floating_point() and tensor.dtype != dtype:
+                    if tensor.dtype != stored:
+                        odd[str(tensor.dtype).removeprefix("torch.")] += 1
+                        odd_names.append(name)
                     tensor = tensor.to(dtype)  # one tensor at a time: never a second copy of the model
                 _assign(model, name, tensor)
+    if odd:
+        _warn_cast(folder, odd, odd_names, stored, dtype)
 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # only a model with state outside its state_dict gets here
@@ -289,10 +310,38 @@ def _open(file: pathlib.Path, device: torch.device):
                               "interrupted download?); delete it and download the checkpoint again") from e
 
 
-def _read_header(file: pathlib.Path) -> dict[str, tuple[int, ...]]:
-    """{key: shape} from a safetensors header, reading no tensor data."""
+def _read_header(file: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype name such as "F32")} from a safetensors header, reading no tensor data."""
     with _open(file, torch.device("cpu")) as f:
-        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        return {key: (tuple((s := f.get_slice(key)).get_shape()), s.get_dtype()) for key in f.keys()}
+
+
+def _stored_dtype(headers: dict, targets: dict) -> torch.dtype:
+    """The checkpoint's dtype: that of most of the loaded floating elements (one float16 LayerNorm
+    among float32 weights does not make it a float16 checkpoint)."""
+    sizes = Counter()
+    for file, names in targets.items():
+        for key in names:
+            shape, stored = headers[file][key]
+            if stored in _STORED_FLOATS:
+                sizes[_STORED_FLOATS[stored]] += math.prod(shape)
+    return sizes.most_common(1)[0][0] if sizes else torch.get_default_dtype()
+
+
+def _warn_cast(folder, odd: Counter, names: list[str], stored: torch.dtype, dtype: torch.dtype) -> None:
+    """One warning for the tensors stored in another dtype than the checkpoint's.
+
+    They are cast to the model's dtype, integer ones included: transformers' from_pretrained
+    (5.x) casts every floating parameter's checkpoint tensor to the parameter's dtype, an int64
+    one too, and silently; fastsiglip computes what transformers computes (an integer tensor
+    cast to float holds the same values), and says so here, since an integer weight usually
+    means a quantized or otherwise foreign checkpoint."""
+    count = sum(odd.values())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    origin = ", ".join(f"{n} from {name}" for name, n in sorted(odd.items()))
+    stored, dtype = (str(d).removeprefix("torch.") for d in (stored, dtype))
+    warnings.warn(f"{folder}: cast {count} checkpoint tensor(s) stored unlike the rest ({stored}) to {dtype} "
+                  f"({origin}): {shown}", stacklevel=3)
 
 
 def map_keys(headers: dict, expected: dict, architecture: str, folder) -> dict[pathlib.Path, dict[str, str]]:
@@ -305,7 +354,7 @@ def map_keys(headers: dict, expected: dict, architecture: str, folder) -> dict[p
     seen: dict[str, str] = {}  # model key -> checkpoint key (and file) it came from
     unexpected, duplicate, shapes = [], [], []
     for file, keys in headers.items():
-        for key, shape in keys.items():
+        for key, (shape, _) in keys.items():
             if any(p.search(key) for p in ignored):
                 continue
             name = next((p.sub(r, key, count=1) for p, r in rules if p.search(key)), key)

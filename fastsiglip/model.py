@@ -60,6 +60,18 @@ LOGIT_BIAS_INIT = -10.0  # and b = -10
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_pixel_type(pixel_values) -> None:
+    """Pixels are the processor's floats: an integer / bool tensor (raw uint8 pixels, say) would be
+    cast and encoded as if normalized, a different image than the one meant."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: pass the "
+                        "processor's output (fastsiglip.load_processor(checkpoint)(images=...))")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point, rescaled and normalized by the processor, got "
+                        f"{pixel_values.dtype}: pass images through fastsiglip.load_processor(checkpoint) (or "
+                        "transformers' image processor) instead of raw pixels")
+
+
 def _check_fixres_pixels(pixel_values, cfg: VisionConfig, interpolate: bool, mask, shapes) -> None:
     if mask is not None or shapes is not None:
         raise ValueError("pixel_attention_mask and spatial_shapes are for NaFlex (siglip2) checkpoints; this is a "
@@ -72,7 +84,10 @@ def _check_fixres_pixels(pixel_values, cfg: VisionConfig, interpolate: bool, mas
     height, width = pixel_values.shape[-2:]
     if height < p or width < p:
         raise ValueError(f"the image ({height}x{width}) is smaller than one {p}x{p} patch")
-    if not interpolate and (height // p, width // p) != (cfg.position_grid,) * 2:
+    # Exactly image_size: another size with as many whole patches (33x33 on a 32 px, patch 16 model)
+    # would run with its last rows / columns dropped by the patch convolution, as transformers runs
+    # it, silently. With interpolate_pos_encoding=True any size is transformers' (the remainder too).
+    if not interpolate and (height, width) != (cfg.image_size,) * 2:
         raise ValueError(f"this model takes {cfg.image_size}x{cfg.image_size} images, got {height}x{width}: resize "
                          f"them (the processor does) or pass interpolate_pos_encoding=True")
 
@@ -143,6 +158,7 @@ class VisionTransformer(nn.Module):
         """pool=False skips the MAP head (pooler_output None), as classification needs."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
+        _check_pixel_type(pixel_values)
         check = _check_naflex_pixels if self.config.naflex else _check_fixres_pixels
         check(pixel_values, self.config, interpolate_pos_encoding, pixel_attention_mask, spatial_shapes)
         pool = pool and self.config.vision_use_head
@@ -195,14 +211,24 @@ _PACKABLE = {nn.Linear, nn.LayerNorm, nn.Embedding, nn.Identity, nn.Dropout, nn.
 def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> None:
     if input_ids is None:
         raise ValueError("input_ids is required (token ids from the tokenizer, padded to max_length)")
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be integer [batch, length], got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}: pass the tokenizer's "
+                        "output (return_tensors='pt')")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer (int64 or int32) [batch, length], got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}); pass at least one text")
     if length > cfg.max_position_embeddings:
         raise ValueError(f"input_ids has {length} tokens, more than the model's {cfg.max_position_embeddings} "
                          f"positions: truncate to max_length={cfg.max_position_embeddings}")
+    if not torch.compiler.is_compiling():  # a host read (device sync); a compiled graph keeps none
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"input_ids must be token ids in [0, {cfg.vocab_size}) (the model's vocab_size), got "
+                             f"values in [{low}, {high}]: tokenize with the checkpoint's tokenizer "
+                             "(fastsiglip.load_processor / load_tokenizer)")
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must have input_ids' shape {(batch, length)}, "
                          f"got {tuple(attention_mask.shape)}")
