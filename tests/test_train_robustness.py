@@ -7,6 +7,7 @@ Same tiny checkpoint and synthetic data as tests/test_train.py (its fixtures and
 """
 
 import dataclasses
+import errno
 import math
 import pathlib
 import subprocess
@@ -209,3 +210,22 @@ def test_numbers_are_checked(tiny, shapes, tmp_path, option, value, message):
 def test_grad_clip_zero_disables_clipping(tiny, shapes, tmp_path):
     assert _run(tiny, shapes["train"], tmp_path / "run", grad_clip=0)["step"] == 1
 
+
+
+def test_disk_full_during_the_export_keeps_the_previous_final(tiny, shapes, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run(tiny, shapes["train"], out)
+    before = (out / "final" / "model.safetensors").read_bytes()
+    real = ckpt.save_file
+
+    def full(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError, match="simulated"):
+        _run(tiny, shapes["train"], out, resume=True)
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+    monkeypatch.setattr(ckpt, "save_file", real)
+    assert _run(tiny, shapes["train"], out, resume=True)["final"] == out / "final"
+    assert not [p for p in out.iterdir() if p.name.startswith(files.TMP_PREFIX)]

@@ -429,8 +429,9 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
         if rank == 0:
             tensors = {f"{kind}.{r}": g[kind] for r, g in enumerate(gathered) for kind in ("cpu", "cuda")
                        if g[kind] is not None}
-            state = {"step": step, "samples_seen": samples_seen, "skipped": skipped, "data_position": batches.step_start(step),
-                     "bad_examples": bad_examples, "args": args, "model": model_id}
+            state = {"step": step, "samples_seen": samples_seen, "skipped": skipped,
+                     "data_position": batches.step_start(step), "bad_examples": bad_examples, "args": args,
+                     "model": model_id}
             path = ckpt.save_resume(out, step, model, optimizer, state, tensors, keep_last)
         if world > 1:
             dist.barrier()
