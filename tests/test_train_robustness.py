@@ -229,3 +229,20 @@ def test_disk_full_during_the_export_keeps_the_previous_final(tiny, shapes, tmp_
     monkeypatch.setattr(ckpt, "save_file", real)
     assert _run(tiny, shapes["train"], out, resume=True)["final"] == out / "final"
     assert not [p for p in out.iterdir() if p.name.startswith(files.TMP_PREFIX)]
+
+
+def test_cli_refuses_an_unrelated_out_in_one_line(tiny, shapes, tmp_path, capsys):
+    from fastsiglip import cli
+
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    argv = ["train", "--model", str(tiny), "--train", str(shapes["train"]), "--out", str(out), "--batch-size", "16",
+            "--steps", "1", "--workers", "0", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "thesis.tex" in err and "empty or new folder" in err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "new")
+    assert cli.main(argv + ["--grad-clip", "-1"]) == 2
+    assert "0 disables clipping" in capsys.readouterr().err and not (tmp_path / "new").exists()

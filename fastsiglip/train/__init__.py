@@ -288,11 +288,31 @@ def finetune(model, *, train, out, batch_size: int, steps: int, micro_batch_size
     options = dict(locals())  # every argument, plus world, rank, the device and `created`
     try:
         _check_options(options)
-        with files.output_lock(out, "train") if rank == 0 else contextlib.nullcontext():
+        with _locked(out, rank, world):
             return _finetune(**options)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _locked(out, rank: int, world: int):
+    """files.output_lock(out) held by rank 0 for the whole job; under torchrun the other ranks
+    learn that it is busy too (instead of waiting at the first barrier)."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if rank == 0:
+            try:
+                held.enter_context(files.output_lock(out, "train"))
+            except files.OutputBusy as e:
+                busy = str(e)
+        if world > 1:
+            shared = [busy]
+            dist.broadcast_object_list(shared, src=0)
+            busy = shared[0]
+        if busy is not None:
+            raise files.OutputBusy(busy)
+        yield
 
 
 def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, warmup_steps, weight_decay,
