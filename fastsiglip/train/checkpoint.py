@@ -87,6 +87,8 @@ def check_output(out) -> None:
     entries = sorted(p.name for p in out.iterdir())
     marked = (out / MARKER).is_file() or bool(list_checkpoints(out)) or all(e.startswith(TMP_PREFIX) for e in entries)
     foreign = _foreign(out, RUN_ENTRIES) if marked else entries
+    if marked:  # our folders must be folders
+        foreign += [n for n in (CHECKPOINTS, FINAL, "tensorboard") if (out / n).exists() and not (out / n).is_dir()]
     if marked and (out / CHECKPOINTS).is_dir():
         for path in sorted((out / CHECKPOINTS).iterdir()):
             if path.name.startswith(TMP_PREFIX):
