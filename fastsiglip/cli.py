@@ -311,7 +311,8 @@ def _train_parser(sub) -> None:
     train.add_argument("--train", required=True, help="manifest (.csv, .tsv, .jsonl with image and text columns), "
                        "a folder of WebDataset .tar shards, or a brace pattern such as shards/train-{000..099}.tar")
     train.add_argument("--val", help="validation pairs, same formats: recall@1/5/10 both ways")
-    train.add_argument("--out", required=True, help="output folder: metrics.jsonl, checkpoints/, final/")
+    train.add_argument("--out", required=True, help="output folder: metrics.jsonl, checkpoints/, final/; new, "
+                       "empty, or an earlier run's (--resume); locked while the job runs")
     train.add_argument("--batch-size", type=int, required=True, help="global batch (all processes together)")
     train.add_argument("--micro-batch-size", type=int, help="pairs one process encodes at once (default: batch / "
                        "processes); the step stays exact")

@@ -15,11 +15,14 @@ Sources
 
 Order. Pair positions 0, 1, 2, ... run through epoch after epoch; epoch e visits every pair once
 in an order seeded by (seed, e): a full permutation for a manifest; for shards, the shards in a
-seeded order, each one's members in a seeded order (a step then reads one or two shards). Step k
-of a run with global batch B takes positions [k B, (k + 1) B); rank r of W takes the slice
-[k B + r B/W, k B + (r + 1) B/W), cut into micro-batches. So the pairs of a step are the same set
-whatever the world size and micro-batch size, and a resumed run continues exactly where it
-stopped: the data position is the step number.
+seeded order, each one's members in a seeded order (a step then reads one or two shards). Every
+step comes from one epoch, so its pairs are distinct: with N pairs and global batch B (B <= N),
+an epoch gives S = N // B steps and its last N mod B pairs (the tail that does not fill a batch)
+are not used that epoch; step k reads positions [e N + j B, e N + (j + 1) B) with (e, j) =
+divmod(k, S). Rank r of W takes the slice starting r B/W pairs into the step's, B/W long, cut
+into micro-batches. So the pairs of a step are the same set whatever the world size and
+micro-batch size, and a resumed run continues exactly where it stopped: the data position is a
+function of the step number.
 
 We do not split the data by shard across ranks and workers (WebDataset's way): that makes the
 contents of a global batch depend on the number of ranks and workers. Reading by offset keeps
@@ -27,7 +30,8 @@ the order independent of both and still reads each shard front to back within a 
 
 Bad images. An image that cannot be read (missing, truncated, not an image) is skipped and
 counted; its place in the batch is taken by another pair chosen from (seed, position, attempt),
-so every batch stays full and still does not depend on the world size. The counts and examples
+one outside the step's own pairs when B < N, so every batch stays full and still does not depend
+on the world size (two bad images of one step may, rarely, draw the same substitute). The counts and examples
 travel with each batch (`bad`); the training loop stops when too many are bad.
 
 Compact batches. A training batch holds uint8 pixels (FixRes [b, 3, H, W], NaFlex patches
@@ -468,13 +472,33 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, pairs: Pairs, checkpoint, *, seed: int, batch_size: int, world_size: int,
                  micro_batch_size: int, max_num_patches: int | None = None):
+        if batch_size > len(pairs):
+            raise DataError(f"the global batch ({batch_size} pairs) is larger than the {len(pairs)} training pairs of "
+                            f"{pairs.source}: a step's pairs must be distinct; use a batch of at most {len(pairs)}")
         self.pairs, self.seed = pairs, seed
         self.batch_size, self.world_size, self.micro = batch_size, world_size, micro_batch_size
+        self.steps_per_epoch = len(pairs) // batch_size  # an epoch's tail that does not fill a batch is not used
         self.encoder = _Encoder(checkpoint, max_num_patches)
 
+    def step_start(self, step: int) -> int:
+        """The stream position of the step's first pair: step j of epoch e starts at e N + j B."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return epoch * len(self.pairs) + j * self.batch_size
+
     def positions(self, step: int, rank: int, micro: int) -> range:
-        start = step * self.batch_size + rank * (self.batch_size // self.world_size) + micro * self.micro
+        start = self.step_start(step) + rank * (self.batch_size // self.world_size) + micro * self.micro
         return range(start, start + self.micro)
+
+    def _substitute(self, step: int, position: int, attempt: int) -> int:
+        """The pair that replaces an unreadable one: from (seed, position, attempt), one that is
+        not among the step's own pairs when there are others."""
+        g = torch.Generator().manual_seed(_mix(self.seed, position, attempt))
+        n, b = len(self.pairs), self.batch_size
+        if b == n:
+            return int(torch.randint(n, (1,), generator=g))
+        epoch, first = divmod(self.step_start(step), n)
+        k = int(torch.randint(n - b, (1,), generator=g))  # the k-th pair of the epoch outside the step
+        return int(self.pairs.order(self.seed, epoch)[k if k < first else k + b])
 
     def __getitem__(self, item) -> dict:
         step, rank, micro = item
@@ -488,8 +512,7 @@ class TrainBatches(torch.utils.data.Dataset):
                     break
                 except ImageLoadError as e:
                     bad.append((self.pairs.records[index].key, str(e)))
-                    g = torch.Generator().manual_seed(_mix(self.seed, position, attempt))
-                    index = int(torch.randint(len(self.pairs), (1,), generator=g))
+                    index = self._substitute(step, position, attempt)
             else:
                 raise DataError(f"{self.pairs.source}: {MAX_SUBSTITUTES + 1} images in a row could not be read "
                                 f"(last: {bad[-1][1]}); check the data")

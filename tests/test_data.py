@@ -137,7 +137,7 @@ def _step_keys(pairs, checkpoint, step, world, micro, batch=16, seed=3):
 
 def test_step_contents_do_not_depend_on_world_or_micro_size(tmp_path, siglip_checkpoint):
     pairs = data_lib.open_pairs(_manifest(tmp_path))
-    for step in (0, 2, 3):  # 40 pairs, batch 16: step 2 crosses into the second epoch
+    for step in (0, 2, 3):  # 40 pairs, batch 16: 2 steps an epoch (its last 8 pairs unused), step 2 starts epoch 1
         want = _step_keys(pairs, siglip_checkpoint, step, 1, 16)
         assert len(want) == 16
         for world, micro in ((1, 4), (2, 8), (4, 2), (8, 1)):

@@ -12,6 +12,10 @@ loop; the process group is created here (NCCL on GPUs, gloo on CPUs) unless the 
 one. The global batch is split evenly across ranks, the loss is the exact global-batch loss
 (distributed_sigmoid_loss), tower gradients are averaged by DDP, logit gradients by hand.
 Rank 0 evaluates, logs and writes the files; every rank reads the checkpoint on --resume.
+
+The output folder: OUT must be missing, empty, or an earlier run's (checkpoint.check_output,
+before anything is written); rank 0 holds files.output_lock(OUT) for the whole job, removes the
+`.tmp-*` leftovers of a killed run and marks OUT as a run (checkpoint.MARKER).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import data as data_lib
+from .. import files
 from ..loading import checkpoint_fingerprint, load
 from ..processing import load_processor
 from . import checkpoint as ckpt
@@ -41,7 +46,7 @@ from .loss import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, SigmoidLoss, distributed_si
 from .step import LOGIT_PARAMS, ExactStep, Towers, average_logit_grads
 
 PRECISIONS = ("auto", "bf16", "fp32")
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = ckpt.METRICS_FILE
 MAX_BAD_EXAMPLES = 5
 # Options that must not change when a run is resumed (they change what the run computes);
 # the others (micro-batch size, world size, workers, evaluation, saving, precision) may.
@@ -96,6 +101,39 @@ def _positive_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _finite(name, value, *, low, low_ok=True, hint=""):
+    """A real number >= low (> low when not low_ok), not NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or (value == low and not low_ok):
+        bound = f">= {low}" if low_ok else f"> {low}"
+        raise ValueError(f"{name} must be a finite number {bound}{hint}, got {value!r}")
+    return value
+
+
+def _check_options(o: dict) -> None:
+    """The arguments of finetune that can be checked without reading anything: one ValueError
+    each, before OUT is locked or touched."""
+    if o["precision"] not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {o['precision']!r}")
+    micro = o["batch_size"] // o["world"] if o["micro_batch_size"] is None else o["micro_batch_size"]
+    _check_sizes(o["batch_size"], micro, o["world"])
+    _positive_int("--steps", o["steps"])
+    for name in ("workers", "save_every", "eval_every", "warmup_steps"):
+        _positive_int("--" + name.replace("_", "-"), o[name], minimum=0)
+    if o["warmup_steps"] > o["steps"]:
+        raise ValueError(f"--warmup-steps {o['warmup_steps']} is more than --steps {o['steps']}; "
+                         f"use at most {o['steps']}")
+    _positive_int("--keep-last", o["keep_last"])
+    _finite("--lr", o["lr"], low=0, low_ok=False)
+    _finite("--weight-decay", o["weight_decay"], low=0, hint=" (0: no weight decay)")
+    _finite("--grad-clip", o["grad_clip"], low=0, hint=" (the max gradient norm; 0 disables clipping)")
+    _finite("--max-bad-fraction", o["max_bad_fraction"], low=0)
+    if o["max_bad_fraction"] > 1:
+        raise ValueError(f"--max-bad-fraction must lie in [0, 1], got {o['max_bad_fraction']}")
+    if o["lock_image"] and o["lock_text"]:
+        raise ValueError("--lock-image and --lock-text together leave nothing to train")
 
 
 def _check_sizes(batch_size, micro_batch_size, world):
@@ -178,7 +216,7 @@ class _Metrics:
         lines = []
         if keep_until is not None and self.path.is_file():
             lines = [x for x in self.path.read_text().splitlines() if _metrics_step(x) <= keep_until]
-        self.path.write_text("".join(x + "\n" for x in lines))
+        files.atomic_write(self.path, lambda tmp: tmp.write_text("".join(x + "\n" for x in lines)))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -239,15 +277,42 @@ def finetune(model, *, train, out, batch_size: int, steps: int, micro_batch_size
     rank; lora_dropout; lora_targets, names of lora.TARGETS), training only them; OUT/final/
     then holds the merged model and OUT/final/adapter/ the adapter (also for a peft model passed
     in).
+    out: a missing or empty folder, or an earlier run's (anything else is refused before a file
+    is written); the job holds files.output_lock(out) (rank 0), so a second job on it is
+    refused with files.OutputBusy. Every step's pairs are distinct: batch_size <= the number of
+    training pairs, and an epoch's tail that does not fill a batch is not used (fastsiglip.data).
     Returns {"step", "metrics" (the last record), "final" (OUT/final or None), "interrupted"}
     (and "signal", its number, when a signal stopped the run).
     """
     world, rank, device, created = _setup_distributed(device)
+    options = dict(locals())  # every argument, plus world, rank, the device and `created`
     try:
-        return _finetune(**locals())  # every argument, plus world, rank, the device and `created`
+        _check_options(options)
+        with _locked(out, rank, world):
+            return _finetune(**options)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _locked(out, rank: int, world: int):
+    """files.output_lock(out) held by rank 0 for the whole job; under torchrun the other ranks
+    learn that it is busy too (instead of waiting at the first barrier)."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if rank == 0:
+            try:
+                held.enter_context(files.output_lock(out, "train"))
+            except files.OutputBusy as e:
+                busy = str(e)
+        if world > 1:
+            shared = [busy]
+            dist.broadcast_object_list(shared, src=0)
+            busy = shared[0]
+        if busy is not None:
+            raise files.OutputBusy(busy)
+        yield
 
 
 def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, warmup_steps, weight_decay,
@@ -255,19 +320,7 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
               lock_text, freeze_logit_scale, grad_checkpointing, zero_shot, max_num_patches, image_column,
               text_column, max_bad_fraction, tensorboard, eval_batch_size, lora_rank, lora_alpha, lora_dropout,
               lora_targets, device, progress, callback, world, rank, created) -> dict:
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    micro_batch_size = batch_size // world if micro_batch_size is None else micro_batch_size
-    _check_sizes(batch_size, micro_batch_size, world)
-    _positive_int("--steps", steps)
-    for name, value in (("--workers", workers), ("--save-every", save_every), ("--eval-every", eval_every),
-                        ("--warmup-steps", warmup_steps)):
-        _positive_int(name, value, minimum=0)
-    _positive_int("--keep-last", keep_last)
-    if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"--max-bad-fraction must lie in [0, 1], got {max_bad_fraction}")
-    if lock_image and lock_text:
-        raise ValueError("--lock-image and --lock-text together leave nothing to train")
+    micro_batch_size = batch_size // world if micro_batch_size is None else micro_batch_size  # checked (finetune)
     out = pathlib.Path(out)
     precision_used, autocast = _autocast(precision, device)
     micro_per_step = batch_size // world // micro_batch_size
@@ -284,6 +337,13 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
     pairs = data_lib.open_pairs(train, image_column=image_column, text_column=text_column)
     val_pairs = None if val is None else data_lib.open_pairs(val, image_column=image_column, text_column=text_column)
     args["train_pairs"] = len(pairs)  # another manifest under the same name is another run
+    if batch_size > len(pairs):
+        raise ValueError(f"--batch-size {batch_size} is larger than the {len(pairs)} training pairs in {train}: a "
+                         f"step's pairs must be distinct; use a batch of at most {len(pairs)} or more data")
+    ckpt.check_output(out)  # an unrelated folder is refused before anything is loaded or written
+    if not resume and (ckpt.list_checkpoints(out) or (out / METRICS_FILE).exists()):
+        raise ValueError(f"{out} already holds a run ({METRICS_FILE} or checkpoints/); pass --resume to continue it, "
+                         "or choose another --out")
 
     model = _model(model, device)
     source = pathlib.Path(model.checkpoint_dir)
@@ -320,9 +380,6 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
     # Resume, or check that OUT holds no other run.
     start, samples_seen, skipped, bad_examples = 0, 0, 0, []
     found = ckpt.list_checkpoints(out)
-    if not resume and (found or (out / METRICS_FILE).exists()):
-        raise ValueError(f"{out} already holds a run ({METRICS_FILE} or checkpoints/); pass --resume to continue it, "
-                         "or choose another --out")
     torch.manual_seed(seed + rank)
     if resume and found:
         state, weights, rng = ckpt.read_resume(found[-1])
@@ -345,8 +402,9 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
         bad_examples = state.get("bad_examples", [])
     if world > 1:
         dist.barrier()  # every rank has looked at OUT before rank 0 writes to it
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # under the output lock: no live process writes OUT's temporary files
+        ckpt.remove_stale_tmp(out)
+        ckpt.mark_output(out)
     # A resumed run keeps the lines up to its checkpoint's step (none when it starts over).
     metrics = _Metrics(out, (start if start else -1) if resume else None, tensorboard, rank == 0)
 
@@ -391,8 +449,9 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
         if rank == 0:
             tensors = {f"{kind}.{r}": g[kind] for r, g in enumerate(gathered) for kind in ("cpu", "cuda")
                        if g[kind] is not None}
-            state = {"step": step, "samples_seen": samples_seen, "skipped": skipped, "data_position": step * batch_size,
-                     "bad_examples": bad_examples, "args": args, "model": model_id}
+            state = {"step": step, "samples_seen": samples_seen, "skipped": skipped,
+                     "data_position": batches.step_start(step), "bad_examples": bad_examples, "args": args,
+                     "model": model_id}
             path = ckpt.save_resume(out, step, model, optimizer, state, tensors, keep_last)
         if world > 1:
             dist.barrier()
