@@ -325,9 +325,10 @@ def image_inputs(inputs, *, image_column: str = "image"):
 def read_texts(path, *, column: str = "text", id_column: str | None = None) -> tuple[list[str], list[str]]:
     """(keys, texts) of `fastsiglip embed-text`'s input.
 
-      * .txt: one text a line (UTF-8; "\\n", "\\r\\n" or a lone "\\r" ends a line); key: the line number (1-based). An empty
-        line is kept as an empty text (the tokenizer gives EOS and padding), so that row i of the
-        output is line i + 1 of the file; a final newline does not make an extra line.
+      * .txt: one text a line (UTF-8; "\\n", "\\r\\n" or a lone "\\r" ends a line); key: the line
+        number (1-based). An empty line is kept as an empty text (the tokenizer gives EOS and
+        padding), so that row i of the output is line i + 1 of the file; a final newline does not
+        make an extra line.
       * .jsonl: one JSON object a line with a string `column` (blank lines ignored); key: the
         line number, or the `id_column` value.
       * .csv / .tsv: a header row naming `column`; key: the row number (1 = the first row after
@@ -498,7 +499,8 @@ class _Partial:
         try:
             job = json.loads((self.folder / "job.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{self.folder / 'job.json'} is unreadable ({e}); pass --overwrite to start over") from None
+            raise ValueError(f"{self.folder / 'job.json'} is unreadable ({e}); pass --overwrite to start "
+                             "over") from None
         _check_same_job(str(self.folder), job if isinstance(job, dict) else {}, self.identity)
         files, chunks, done, failed = self.chunks(), [], [], []
         for path in files:

@@ -232,9 +232,18 @@ def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> Non
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must have input_ids' shape {(batch, length)}, "
                          f"got {tuple(attention_mask.shape)}")
-    if position_ids is not None and (position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length):
-        raise ValueError(f"position_ids must be [length] or [batch, length] with length {length}, "
-                         f"got {tuple(position_ids.shape)}")
+    if position_ids is not None and (position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length
+                                     or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch))):
+        raise ValueError(f"position_ids must be [length], [1, length] or [batch, length] with batch {batch} and "
+                         f"length {length}, got {tuple(position_ids.shape)}")
+    if position_ids is not None:
+        if position_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"position_ids must be integer (int64 or int32), got {position_ids.dtype}")
+        if not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(position_ids)).tolist()
+            if low < 0 or high >= cfg.max_position_embeddings:
+                raise ValueError(f"position_ids must be in [0, {cfg.max_position_embeddings}) (the model's "
+                                 f"max_position_embeddings), got values in [{low}, {high}]")
 
 
 class TextTransformer(nn.Module):

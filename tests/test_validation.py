@@ -161,6 +161,24 @@ def test_token_ids_at_the_edges_run(siglip):
                                    hf.get_text_features(input_ids=ids.long()).pooler_output, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("bad", [8, -1])
+def test_position_ids_outside_the_positions(siglip, bad):
+    hf, _, model = siglip
+    ids = torch.full((1, 8), 5, dtype=torch.long)
+    positions = torch.arange(8)
+    with torch.no_grad():  # in range: transformers' numbers
+        torch.testing.assert_close(model.get_text_features(input_ids=ids, position_ids=positions.flip(0)),
+                                   hf.get_text_features(input_ids=ids, position_ids=positions.flip(0)[None])
+                                   .pooler_output, atol=ATOL, rtol=ATOL)
+    positions[2] = bad
+    with pytest.raises(ValueError, match=rf"position_ids must be in \[0, 8\) \(the model's max_position_embeddings\)"):
+        model.get_text_features(input_ids=ids, position_ids=positions)
+    with pytest.raises(ValueError, match="position_ids must be integer"):
+        model.get_text_features(input_ids=ids, position_ids=positions.float())
+    with pytest.raises(ValueError, match=r"position_ids must be \[length\], \[1, length\] or \[batch, length\]"):
+        model.get_text_features(input_ids=ids, position_ids=torch.arange(8).repeat(3, 1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.bool])
 def test_token_ids_not_int(siglip, dtype):
     with pytest.raises(ValueError, match=r"input_ids must be integer \(int64 or int32\)"):
