@@ -628,19 +628,21 @@ def _run_steps(out, partial, identity, keys, encode, *, field, unit, resume, ove
         if from_output:
             partial.add(chunks[0], done, failed)
     start, total, new = time.perf_counter(), len(done) + len(failed) + len(todo), 0
-    for emb, batch_keys, bad in encode(todo) if todo else ():
-        if emb is not None:
-            chunks.append(emb)
-        partial.add(emb, batch_keys, bad)
-        done.extend(batch_keys)  # in place: a new list per batch would copy O(rows) each time
-        failed.extend(bad)
-        new += len(batch_keys) + len(bad)
-        if progress:
-            rate = new / (time.perf_counter() - start)
-            print(f"\r{len(done) + len(failed)}/{total} {unit}  {rate:.1f} {unit}/s", end="", file=sys.stderr,
-                  flush=True)
-    if progress and todo:
-        print(file=sys.stderr)
+    try:
+        for emb, batch_keys, bad in encode(todo) if todo else ():
+            if emb is not None:
+                chunks.append(emb)
+            partial.add(emb, batch_keys, bad)
+            done.extend(batch_keys)  # in place: a new list per batch would copy O(rows) each time
+            failed.extend(bad)
+            new += len(batch_keys) + len(bad)
+            if progress:
+                rate = new / (time.perf_counter() - start)
+                print(f"\r{len(done) + len(failed)}/{total} {unit}  {rate:.1f} {unit}/s", end="", file=sys.stderr,
+                      flush=True)
+    finally:  # also before an error or interruption, so that its message starts a line of its own
+        if progress and new:
+            print(file=sys.stderr)
     failed = list(dict.fromkeys([*failed, *map(tuple, skipped)]))
     if not chunks and allow_empty:
         chunks = [torch.zeros(0, 0)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +32,15 @@ import traceback
 import torch
 
 DEFAULT_MODEL = "google/siglip2-base-patch16-224"
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"  # torch.utils.data's ExceptionWrapper
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors (`fastsiglip embed: error: ...`, exit 2), as every
+    other error of the command, instead of a usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def _device(name: str | None) -> torch.device:
@@ -380,7 +390,7 @@ def _output_options(parser, what) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsiglip", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="fastsiglip", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     _bench_parser(sub)
@@ -440,7 +450,8 @@ def _add_debug(parser) -> None:
             _add_debug(child)
 
 
-POSITIVE_OPTIONS = ("batch_size", "max_num_patches", "batch", "shard_size", "iters", "rep", "plot_batches")
+POSITIVE_OPTIONS = ("batch_size", "max_num_patches", "batch", "shard_size", "iters", "rep", "plot_batches",
+                    "eval_batch_size")
 
 
 def _check_numbers(args) -> str | None:
@@ -471,6 +482,10 @@ def _one_line(error: BaseException) -> str:
         text = f"{error.strerror}: {error.filename}"
     else:
         text = str(error) or type(error).__name__
+    if WORKER_TRACEBACK in text:  # torch re-raises a DataLoader worker's error with its traceback in the message
+        where, _, original = text.partition(WORKER_TRACEBACK)
+        last = original.strip().splitlines()[-1] if original.strip() else ""
+        text = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last) + " (" + re.sub(r"^Caught \w+ ", "", where.strip()).rstrip(".") + ")"
     if isinstance(error, (KeyError, IndexError, TypeError, AttributeError, AssertionError)) or type(error) in (
             Exception, RuntimeError):
         text = f"{type(error).__name__}: {text}"

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import pathlib
+import re
 
 try:
     import fcntl
@@ -40,6 +41,14 @@ def fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"\d+-.+")
+
+
+def is_tmp(name: str) -> bool:
+    """Whether `name` is one of our temporary names (".tmp-<pid>-<name>"), not a user's ".tmp-notes"."""
+    return _TMP_NAME.fullmatch(name) is not None
 
 
 def tmp_path(path: pathlib.Path) -> pathlib.Path:
@@ -65,13 +74,15 @@ def atomic_write(path, write) -> None:
 def remove_stale_tmp(folder, name: str) -> None:
     """Temporary files a killed process left for `folder/name` (another live process's are
     protected by the output lock, which the caller holds)."""
+    own = re.compile(re.escape(TMP_PREFIX) + r"\d+-" + re.escape(name))  # not ".tmp-<pid>-a-<name>" of a.<name>
     for stray in pathlib.Path(folder).glob(f"{TMP_PREFIX}*-{name}"):
-        with contextlib.suppress(OSError):
-            stray.unlink()
+        if own.fullmatch(stray.name):
+            with contextlib.suppress(OSError):
+                stray.unlink()
 
 
 def lock_path(out) -> pathlib.Path:
-    out = pathlib.Path(out)
+    out = pathlib.Path(os.path.abspath(out))  # "." and ".." name no file of their own
     return out.with_name(out.name + ".lock")
 
 

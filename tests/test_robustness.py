@@ -228,6 +228,29 @@ def test_stale_temporary_files_of_a_killed_write_are_removed(siglip_checkpoint, 
     assert stale[1].exists(), "another output's temporary file is not ours to remove"
 
 
+def test_stale_cleanup_spares_an_output_whose_name_ends_like_ours(tmp_path):
+    """`.tmp-<pid>-a-e.safetensors` is a live job's write of a-e.safetensors (its own lock), not a
+    leftover of e.safetensors."""
+    other = tmp_path / f"{files.TMP_PREFIX}{os.getpid()}-a-e.safetensors"
+    ours = tmp_path / f"{files.TMP_PREFIX}999999-e.safetensors"
+    user = tmp_path / f"{files.TMP_PREFIX}notes-e.safetensors"
+    for path in (other, ours, user):
+        path.write_bytes(b"x")
+    files.remove_stale_tmp(tmp_path, "e.safetensors")
+    assert other.exists() and user.exists() and not ours.exists()
+    assert files.is_tmp(ours.name) and not files.is_tmp(user.name) and not files.is_tmp(".tmp-notes")
+
+
+def test_lock_of_dot_and_dot_dot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / ".")
+    (tmp_path / "sub").mkdir()
+    assert files.lock_path(".") == tmp_path.parent / f"{tmp_path.name}.lock"
+    monkeypatch.chdir(tmp_path / "sub")
+    assert files.lock_path("..") == tmp_path.parent / f"{tmp_path.name}.lock"
+    with files.output_lock(".", "test") as held:
+        assert held.exists()
+
+
 # -- signals: kill -9, SIGTERM, Ctrl-C; no worker outlives the main process ------------------------------------
 
 SLOW = """
@@ -450,7 +473,36 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, mon
     assert cli.main(argv) == 2 and "Traceback" in capsys.readouterr().err
 
 
+def test_a_data_loader_workers_error_is_one_line():
+    """torch re-raises a DataLoader worker's error with the worker's traceback inside the message:
+    the CLI shows the error's own last line and where it happened."""
+    try:
+        raise ValueError("7 images in a row could not be read; last: x.png: truncated")
+    except ValueError:
+        wrapped = torch._utils.ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(ValueError) as caught:
+        wrapped.reraise()
+    assert "Original Traceback" in str(caught.value)
+    assert cli._one_line(caught.value) == ("ValueError: 7 images in a row could not be read; last: x.png: truncated "
+                                           "(in DataLoader worker process 1)")
+
+
+@pytest.mark.parametrize("argv", [["embed", "x.png", "--out", "e.npy", "--batch-size", "abc"],
+                                  ["embed", "x.png"], ["train", "--no-such-option"], ["nonsense"]])
+def test_argument_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastsiglip") and ": error: " in lines[0], err
+    assert "usage:" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "m", "--train", "t.csv", "--out", "o", "--batch-size", "2", "--steps", "1",
+      "--eval-batch-size", "0"],
+     "--eval-batch-size must be at least 1"),
     (["bench", "--preset", "siglip-base-patch16-224", "--iters", "0"], "--iters must be at least 1"),
     (["bench", "--preset", "siglip-base-patch16-224", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["embed", "x.png", "--out", "e.npy", "--workers", "-1"], "--workers must be at least 0"),

@@ -50,7 +50,8 @@ def _run(tiny, train, out, **kw):
 
 
 @pytest.mark.parametrize("user_files", [["notes.txt", "photos/a.jpg"], ["final/model_card.md"],
-                                        ["fastsiglip-train.json", "checkpoints"]])
+                                        ["fastsiglip-train.json", "checkpoints"], [".tmp-notes"],
+                                        ["fastsiglip-train.json", "final/adapter/mine.txt"]])
 def test_unrelated_out_is_refused_untouched(tiny, shapes, tmp_path, user_files):
     out = tmp_path / "mine"
     for name in user_files:

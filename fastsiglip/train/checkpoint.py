@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..files import TMP_PREFIX, atomic_write, fsync_dir, fsync_file, tmp_path
+from ..files import TMP_PREFIX, atomic_write, fsync_dir, fsync_file, is_tmp, tmp_path
 from ..loading import HUB_FILES, WEIGHTS_FILE
 
 CHECKPOINTS = "checkpoints"
@@ -49,6 +49,7 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ENTRIES = (MARKER, METRICS_FILE, CHECKPOINTS, FINAL, "tensorboard")
 CHECKPOINT_FILES = (WEIGHTS_FILE, "optimizer.safetensors", "optimizer.json", "rng.safetensors", STATE_FILE)
 FINAL_FILES = (*HUB_FILES, ADAPTER)  # fnmatch patterns: what export_final writes into final/
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")  # peft's
 FORMAT = 1
 SHOWN = 5  # entries named in a refusal
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -59,9 +60,9 @@ class ResumeError(ValueError):
 
 
 def _foreign(folder: pathlib.Path, allowed) -> list[str]:
-    """The entries of `folder` that match none of the `allowed` patterns (nor `.tmp-*`)."""
+    """The entries of `folder` that match none of the `allowed` patterns (nor `.tmp-<pid>-*`)."""
     return sorted(p.name for p in folder.iterdir()
-                  if not p.name.startswith(TMP_PREFIX) and not any(fnmatch.fnmatch(p.name, a) for a in allowed))
+                  if not is_tmp(p.name) and not any(fnmatch.fnmatch(p.name, a) for a in allowed))
 
 
 def _refuse_foreign(folder: pathlib.Path, allowed, what: str) -> None:
@@ -85,13 +86,13 @@ def check_output(out) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     entries = sorted(p.name for p in out.iterdir())
-    marked = (out / MARKER).is_file() or bool(list_checkpoints(out)) or all(e.startswith(TMP_PREFIX) for e in entries)
+    marked = (out / MARKER).is_file() or bool(list_checkpoints(out)) or all(is_tmp(e) for e in entries)
     foreign = _foreign(out, RUN_ENTRIES) if marked else entries
     if marked:  # our folders must be folders
         foreign += [n for n in (CHECKPOINTS, FINAL, "tensorboard") if (out / n).exists() and not (out / n).is_dir()]
     if marked and (out / CHECKPOINTS).is_dir():
         for path in sorted((out / CHECKPOINTS).iterdir()):
-            if path.name.startswith(TMP_PREFIX):
+            if is_tmp(path.name):
                 continue
             if not (_STEP_DIR.match(path.name) and path.is_dir()):
                 foreign.append(f"{CHECKPOINTS}/{path.name}")
@@ -99,6 +100,8 @@ def check_output(out) -> None:
                 foreign += [f"{CHECKPOINTS}/{path.name}/{n}" for n in _foreign(path, CHECKPOINT_FILES)]
     if marked and (out / FINAL).is_dir():
         foreign += [f"{FINAL}/{n}" for n in _foreign(out / FINAL, FINAL_FILES)]
+        if (out / FINAL / ADAPTER).is_dir():
+            foreign += [f"{FINAL}/{ADAPTER}/{n}" for n in _foreign(out / FINAL / ADAPTER, ADAPTER_FILES)]
     if foreign:
         raise ValueError(f"--out {out} holds files fastsiglip train did not write ({_names(foreign)}); choose an "
                          "empty or new folder (or the --out of an earlier fastsiglip train run, to --resume it)")
@@ -118,7 +121,7 @@ def remove_stale_tmp(out) -> None:
     output lock, so no live process is writing them)."""
     for folder in (pathlib.Path(out), pathlib.Path(out) / CHECKPOINTS):
         if folder.is_dir():
-            for stray in folder.glob(f"{TMP_PREFIX}*"):
+            for stray in (p for p in folder.glob(f"{TMP_PREFIX}*") if is_tmp(p.name)):
                 if stray.is_dir() and not stray.is_symlink():
                     shutil.rmtree(stray, ignore_errors=True)
                 else:
@@ -173,28 +176,50 @@ def save_resume(out, step: int, model, optimizer, trainer_state: dict, rng: dict
     root = pathlib.Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stray in root.glob(f"{TMP_PREFIX}*"):  # a save that crashed before its rename
-        shutil.rmtree(stray, ignore_errors=True)
+        if is_tmp(stray.name):
+            shutil.rmtree(stray, ignore_errors=True)
     final = root / f"step-{step}"
-    tmp = tmp_path(final)
-    tmp.mkdir()
-    save_weights(tmp / WEIGHTS_FILE, model)
-    tensors, meta = _optimizer_files(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-    (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, format=FORMAT, step=step), indent=1))
-    for path in tmp.iterdir():
-        fsync_file(path)
-    fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
         _refuse_foreign(final, CHECKPOINT_FILES, "a checkpoint")
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
+
+    def fill(tmp: pathlib.Path) -> None:
+        save_weights(tmp / WEIGHTS_FILE, model)
+        tensors, meta = _optimizer_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, format=FORMAT, step=step), indent=1))
+
+    _write_folder(final, fill)
     for old in list_checkpoints(out)[:-keep_last]:
         if not _foreign(old, CHECKPOINT_FILES):  # a checkpoint someone added files to stays
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_folder(final: pathlib.Path, fill) -> None:
+    """fill(tmp) writes the folder's files into `.tmp-<pid>-<name>`; then every file is fsynced
+    and the folder takes `final`'s place. An older `final` is first renamed aside (a crash
+    between the two renames leaves it there as a `.tmp-*` folder, not half of a new one) and
+    deleted after. A failed fill (a full disk) removes the temporary folder and leaves `final`."""
+    tmp, old = tmp_path(final), final.with_name(f"{tmp_path(final).name}-old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        for path in sorted(tmp.rglob("*")):
+            (fsync_file if path.is_file() else fsync_dir)(path)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(out) -> list[pathlib.Path]:
@@ -255,22 +280,17 @@ def export_final(out, state: dict[str, torch.Tensor], source, write_adapter=None
     every file fsynced, then renamed into place, like a checkpoint."""
     out, source = pathlib.Path(out), pathlib.Path(source)
     final = out / FINAL
-    tmp = tmp_path(final)
     _refuse_foreign(final, FINAL_FILES, "final/")  # before anything is written
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    _refuse_foreign(final / ADAPTER, ADAPTER_FILES, "final/adapter/")
     skip = {WEIGHTS_FILE, "model.safetensors.index.json", "model-*-of-*.safetensors"}
-    for name in HUB_FILES:
-        if name not in skip and (source / name).is_file():
-            shutil.copyfile(source / name, tmp / name)
-    save_file(_state_tensors(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    if write_adapter is not None:
-        write_adapter(tmp / ADAPTER)
-    for path in sorted(tmp.rglob("*")):
-        (fsync_file if path.is_file() else fsync_dir)(path)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(out)
+
+    def fill(tmp: pathlib.Path) -> None:
+        for name in HUB_FILES:
+            if name not in skip and (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        save_file(_state_tensors(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if write_adapter is not None:
+            write_adapter(tmp / ADAPTER)
+
+    _write_folder(final, fill)
     return final
