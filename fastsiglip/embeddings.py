@@ -118,7 +118,15 @@ class NaFlexEmbeddings(nn.Module):
         pos = (wy[:, :, None] * wx[:, None, :]).flatten(1) @ table.float()  # [T, C]
         return pos.to(table.dtype)
 
-    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor, packing: ops.Packing) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor,
+                packing: ops.Packing | None = None) -> torch.Tensor:
+        """[T, C] for the real tokens of `packing`; without it [B, N, C], transformers' layout and
+        calls (patch_embedding on [B, N, P]; padded places get grid entry 0, as transformers')."""
+        if packing is None:
+            batch, n = pixel_values.shape[:2]
+            every = ops.Packing(torch.arange(batch * n, device=pixel_values.device), None, n, batch, n)
+            patches = self.patch_embedding(_as_weight(pixel_values, self.patch_embedding))  # [B, N, C]
+            return patches + self.positions(every, spatial_shapes).view(batch, n, -1)
         pixels = ops.pack(pixel_values, packing)  # [T, P]
         return self.patch_embedding(_as_weight(pixels, self.patch_embedding)) + self.positions(packing, spatial_shapes)
 

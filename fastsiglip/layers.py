@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ops, reference
 from .config import TextConfig, VisionConfig
+from .outputs import BaseModelOutput
 
 
 class Layout(NamedTuple):
@@ -65,8 +66,17 @@ def global_hooks() -> bool:
 
 
 def own_hooks(module: nn.Module) -> bool:
-    """Whether `module` itself has a forward, forward-pre, backward or backward-pre hook."""
-    return any(getattr(module, name) for name in _HOOKS)
+    """Whether `module` itself has a forward, forward-pre, backward or backward-pre hook, not
+    counting transformers' output-capturing hooks (a patched tower's blocks share them with
+    transformers' layers; fastsiglip.patch runs the tower with no collector active, where they
+    do nothing)."""
+    return any(not _output_capturing(hook) for name in _HOOKS for hook in getattr(module, name).values())
+
+
+def _output_capturing(hook) -> bool:
+    """transformers' output_capturing_hook (transformers/utils/output_capturing.py)."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook" and \
+        getattr(hook, "__module__", "").startswith("transformers.")
 
 
 def hooked(module: nn.Module) -> bool:
@@ -135,7 +145,9 @@ class Attention(nn.Module):
     def fusable(self) -> bool:
         return all(plain(p, nn.Linear) for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
 
-    def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout | None = None) -> tuple[torch.Tensor, None]:
+        """(output, None): transformers' (attn_output, attn_weights), so that a hook sees the same
+        structure; the weights are never formed (output_attentions is refused upstream)."""
         heads = (self.num_heads, self.head_dim)
         if self.fusable():
             projections = (self.q_proj, self.k_proj, self.v_proj)
@@ -144,9 +156,9 @@ class Attention(nn.Module):
             qkv = F.linear(x, weight, bias).unflatten(-1, (3, *heads))  # [..., 3, H, D]
             q, k, v = qkv.unbind(-3)  # each [B, N, H, D] or [T, H, D], token stride 3C
             out = _attend(q, k, v, layout).flatten(-2)
-            return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+            return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
         q, k, v = (p(x).unflatten(-1, heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(_attend(q, k, v, layout).flatten(-2))
+        return self.out_proj(_attend(q, k, v, layout).flatten(-2)), None
 
 
 class GELUTanh(nn.Module):
@@ -233,13 +245,13 @@ class EncoderLayer(nn.Module):
     def _forward(self, x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
         if self.fusable():
             ln1, ln2 = self.layer_norm1, self.layer_norm2
-            a = self.self_attn.forward(ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps), layout)
+            a, _ = self.self_attn.forward(ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps), layout)
             h, x = ops.layer_norm(a, ln2.weight, ln2.bias, ln2.eps, residual=x)  # LN2(x + a), x + a
             if x.dtype == _compute_dtype(h):
                 return self.mlp.fused(h, residual=x)
             return x + self.mlp.fused(h)  # the stream stays in its wider dtype (autocast), as transformers'
-        x = x + self.self_attn(self.layer_norm1(x), layout)
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(layer_norm(self.layer_norm1, x), layout)[0]
+        return x + self.mlp(layer_norm(self.layer_norm2, x))
 
 
 class Encoder(nn.Module):
@@ -251,16 +263,17 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False  # transformers' flag; the layers carry their own
 
-    def forward(self, x: torch.Tensor, layout: Layout | None, hidden_states: list | None = None) -> torch.Tensor:
-        """A `hidden_states` list receives the input of every layer and the output of the last:
-        transformers' output_hidden_states."""
+    def forward(self, x: torch.Tensor, layout: Layout | None, hidden_states: list | None = None) -> BaseModelOutput:
+        """BaseModelOutput(last_hidden_state), as transformers' encoder returns. A `hidden_states`
+        list receives the input of every layer and the output of the last: transformers'
+        output_hidden_states."""
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             x = layer(x, layout)
         if hidden_states is not None:
             hidden_states.append(x)
-        return x
+        return BaseModelOutput(last_hidden_state=x)
 
 
 class MultiheadAttentionPoolingHead(nn.Module):

@@ -172,14 +172,14 @@ class VisionTransformer(nn.Module):
             if not packable(self.modules()):
                 return self._naflex_dense(pixel_values, mask, spatial_shapes, packing, pool, states)
             x = self.embeddings(pixel_values, spatial_shapes, packing)  # [T, C]
-            x = layer_norm(self.post_layernorm, self.encoder(x, Layout(cu, cu, n, n), states))  # [T, C]
+            x = layer_norm(self.post_layernorm, self.encoder(x, Layout(cu, cu, n, n), states).last_hidden_state)  # [T, C]
             pooled = None
             if pool:
                 pooled = self.head.pool_packed(x, cu, n) if self.head.fusable() else self.head(ops.unpack(x, packing), mask)
             hidden = None if states is None else tuple(ops.unpack(h, packing) for h in states)
             return BaseModelOutputWithPooling(ops.unpack(x, packing), pooled, hidden)  # [B, N, C], zeros at padding
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # [B, N, C]
-        x = layer_norm(self.post_layernorm, self.encoder(x, None, states))
+        x = layer_norm(self.post_layernorm, self.encoder(x, None, states).last_hidden_state)
         pooled = None
         if pool:
             batch, n = x.shape[:2]
@@ -192,10 +192,9 @@ class VisionTransformer(nn.Module):
         entry 0, as transformers), every query computed, only the real tokens as keys."""
         batch, n = mask.shape
         every = fixed_cu_seqlens(batch, n, mask.device)
-        positions = ops.Packing(torch.arange(batch * n, device=mask.device), every, n, batch, n)
-        x = self.embeddings(pixel_values, spatial_shapes, positions).view(batch, n, -1)  # [B, N, C]
+        x = self.embeddings(pixel_values, spatial_shapes)  # [B, N, C]
         layout = Layout(every, packing.cu_seqlens, n, n, packing.indices)
-        x = layer_norm(self.post_layernorm, self.encoder(x, layout, states))
+        x = layer_norm(self.post_layernorm, self.encoder(x, layout, states).last_hidden_state)
         pooled = None
         if pool:
             pooled = (self.head.pool_packed(ops.pack(x, packing), packing.cu_seqlens, n) if self.head.fusable()
@@ -223,12 +222,6 @@ def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> Non
     if length > cfg.max_position_embeddings:
         raise ValueError(f"input_ids has {length} tokens, more than the model's {cfg.max_position_embeddings} "
                          f"positions: truncate to max_length={cfg.max_position_embeddings}")
-    if not torch.compiler.is_compiling():  # a host read (device sync); a compiled graph keeps none
-        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(f"input_ids must be token ids in [0, {cfg.vocab_size}) (the model's vocab_size), got "
-                             f"values in [{low}, {high}]: tokenize with the checkpoint's tokenizer "
-                             "(fastsiglip.load_processor / load_tokenizer)")
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must have input_ids' shape {(batch, length)}, "
                          f"got {tuple(attention_mask.shape)}")
@@ -236,14 +229,20 @@ def _check_text(input_ids, attention_mask, position_ids, cfg: TextConfig) -> Non
                                      or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch))):
         raise ValueError(f"position_ids must be [length], [1, length] or [batch, length] with batch {batch} and "
                          f"length {length}, got {tuple(position_ids.shape)}")
-    if position_ids is not None:
-        if position_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"position_ids must be integer (int64 or int32), got {position_ids.dtype}")
-        if not torch.compiler.is_compiling():
-            low, high = torch.stack(torch.aminmax(position_ids)).tolist()
-            if low < 0 or high >= cfg.max_position_embeddings:
-                raise ValueError(f"position_ids must be in [0, {cfg.max_position_embeddings}) (the model's "
-                                 f"max_position_embeddings), got values in [{low}, {high}]")
+    if position_ids is not None and position_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"position_ids must be integer (int64 or int32), got {position_ids.dtype}")
+    if torch.compiler.is_compiling():  # the value checks read the host (a device sync); a compiled graph keeps none
+        return
+    checked = [input_ids] if position_ids is None else [input_ids, position_ids.to(input_ids.device)]
+    bounds = torch.stack([m.long() for t in checked for m in torch.aminmax(t)]).tolist()  # one sync for both
+    low, high = bounds[:2]
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"input_ids must be token ids in [0, {cfg.vocab_size}) (the model's vocab_size), got "
+                         f"values in [{low}, {high}]: tokenize with the checkpoint's tokenizer "
+                         "(fastsiglip.load_processor / load_tokenizer)")
+    if position_ids is not None and (bounds[2] < 0 or bounds[3] >= cfg.max_position_embeddings):
+        raise ValueError(f"position_ids must be in [0, {cfg.max_position_embeddings}) (the model's "
+                         f"max_position_embeddings), got values in [{bounds[2]}, {bounds[3]}]")
 
 
 class TextTransformer(nn.Module):
@@ -271,7 +270,7 @@ class TextTransformer(nn.Module):
             all_tokens = fixed_cu_seqlens(batch, length, x.device)
             layout = Layout(all_tokens, keys.cu_seqlens, length, length, keys.indices)
         states = [] if output_hidden_states else None
-        x = layer_norm(self.final_layer_norm, self.encoder(x, layout, states))  # [B, L, C]
+        x = layer_norm(self.final_layer_norm, self.encoder(x, layout, states).last_hidden_state)  # [B, L, C]
         # Pooled = the last position (SigLIP pads to max_length; it may be padding, as in transformers).
         return BaseModelOutputWithPooling(x, self.head(x[:, -1]), None if states is None else tuple(states))
 

@@ -60,6 +60,14 @@ class ModelOutput(OrderedDict):
 
 
 @dataclass
+class BaseModelOutput(ModelOutput):
+    """What an encoder returns, as transformers' SiglipEncoder (a hook on it sees this)."""
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class BaseModelOutputWithPooling(ModelOutput):
     last_hidden_state: torch.Tensor | None = None  # [B, N, C]; NaFlex: zeros at padded positions
     pooler_output: torch.Tensor | None = None  # [B, D]

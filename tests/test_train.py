@@ -6,6 +6,7 @@ Everything runs on the CPU with a tiny random SigLIP checkpoint saved by transfo
 coloured squares on the left or right half of a noisy image, captioned "<colour> <left|right>".
 """
 
+import copy
 import csv
 import json
 import math
@@ -408,7 +409,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny, shapes, tmp_path):
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(tiny, shapes, tmp_path, monkeypatch):
-    """A save that dies half-way (after the weights, before the optimizer state) at step 3."""
+    """A save that fails half-way (after the weights, before the optimizer state) at step 3."""
     out, real, calls = tmp_path / "run", ckpt._optimizer_files, []
 
     def crash_third_time(optimizer):
@@ -423,7 +424,9 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny, shapes, tmp_path, mo
         fastsiglip.finetune(fastsiglip.load(tiny), **run)
     monkeypatch.setattr(ckpt, "_optimizer_files", real)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-1", "step-2"]
-    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")], "no half-written save?"
+    # a save that fails (a full disk) removes its half-written folder at once; one a kill leaves
+    # behind is removed by the next run (test_train_robustness.py)
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     state, weights, _ = ckpt.read_resume(ckpt.list_checkpoints(out)[-1])
     assert state["step"] == 2 and weights.keys() == fastsiglip.load(tiny).state_dict().keys()
     result = fastsiglip.finetune(fastsiglip.load(tiny), resume=True, **run)
@@ -866,7 +869,42 @@ def test_lora_options_are_checked(tiny, shapes, tmp_path, monkeypatch):
             raise ImportError("No module named 'peft'")
         return real_import(name, *args, **kwargs)
 
+    for kw, message in [(dict(lora_rank=2, lora_alpha=float("nan")), "--lora-alpha must be a finite positive"),
+                        (dict(lora_rank=2, lora_dropout=1.0), r"--lora-dropout must lie in \[0, 1\)"),
+                        (dict(lora_alpha=8.0), "--lora-alpha need --lora-rank"),
+                        (dict(lora_dropout=0.1, lora_targets=("q_proj",)), "--lora-dropout, --lora-targets need")]:
+        with pytest.raises(ValueError, match=message):
+            fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "d", batch_size=8, steps=1, **kw, **FAST)
+        assert not (tmp_path / "d").exists(), "checked before anything is written"
     monkeypatch.setattr(builtins, "__import__", no_peft)
-    with pytest.raises(RuntimeError, match=r"pip install 'fastsiglip\[lora\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'fastsiglip\[lora\]'"):
         fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "c", batch_size=8, steps=1, lora_rank=2,
                             **FAST)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("config", [dict(use_dora=True), dict(lora_bias=True), dict(modules_to_save=["head"])])
+def test_the_export_merges_as_peft_merges(tiny, config):
+    """DoRA, LoRA biases and modules_to_save, as a caller may pass them in a PeftModel: the exported
+    weights are what peft's merge_and_unload gives, and the caller's model is left as it was."""
+    peft = pytest.importorskip("peft")
+    from fastsiglip.train import lora
+
+    model = peft.get_peft_model(fastsiglip.load(tiny), peft.LoraConfig(r=2, target_modules=["q_proj", "fc2"], **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # trained adapters, not the initial no-op
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = lora.merged_state_dict(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys() == fastsiglip.load(tiny).state_dict().keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, atol=0, rtol=0, msg=key)
+    x = dict(pixel_values=torch.randn(2, 3, IMAGE, IMAGE), input_ids=torch.randint(0, 300, (2, TEXT_LEN)))
+    plain = fastsiglip.load(tiny)
+    plain.load_state_dict(merged)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**x).logits_per_image, model(**x).logits_per_image, atol=1e-5, rtol=0)

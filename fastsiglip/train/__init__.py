@@ -42,8 +42,9 @@ from . import checkpoint as ckpt
 from .evaluate import retrieval_recall, zero_shot_top1
 from .lora import TARGETS as LORA_TARGETS
 from .lora import apply_lora, is_peft, merged_state_dict, save_adapter
+from .lora import check_options as check_lora_options
 from .loss import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, SigmoidLoss, distributed_sigmoid_loss
-from .step import LOGIT_PARAMS, ExactStep, Towers, average_logit_grads
+from .step import ExactStep, Towers, average_logit_grads, logit_param_names
 
 PRECISIONS = ("auto", "bf16", "fp32")
 METRICS_FILE = ckpt.METRICS_FILE
@@ -117,6 +118,7 @@ def _check_options(o: dict) -> None:
     each, before OUT is locked or touched."""
     if o["precision"] not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {o['precision']!r}")
+    check_lora_options(rank=o["lora_rank"], alpha=o["lora_alpha"], dropout=o["lora_dropout"], targets=o["lora_targets"])
     micro = o["batch_size"] // o["world"] if o["micro_batch_size"] is None else o["micro_batch_size"]
     _check_sizes(o["batch_size"], micro, o["world"])
     _positive_int("--steps", o["steps"])
@@ -410,7 +412,7 @@ def _finetune(model, train, out, batch_size, steps, micro_batch_size, val, lr, w
 
     towers = Towers(model)
     if world > 1:
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, list(LOGIT_PARAMS))
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, logit_param_names(towers))
         # The towers hold no buffers (model.py), so DDP has none to broadcast.
         device_ids = [device.index] if device.type == "cuda" else None
         towers = nn.parallel.DistributedDataParallel(towers, device_ids=device_ids)

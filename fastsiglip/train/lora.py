@@ -13,6 +13,8 @@ so an adapter there would stay untrained (on transformers as here).
 
 from __future__ import annotations
 
+import copy
+import math
 import pathlib
 
 import torch
@@ -26,8 +28,8 @@ def _peft():
     try:
         import peft
     except ImportError as e:
-        raise RuntimeError(f"LoRA fine-tuning needs peft, which could not be imported ({e}): "
-                           "pip install 'fastsiglip[lora]'") from e
+        raise ImportError(f"LoRA fine-tuning needs peft, which could not be imported ({e}): "
+                          "pip install 'fastsiglip[lora]'") from e
     return peft
 
 
@@ -48,20 +50,34 @@ def target_pattern(targets) -> str:
     return rf"(vision_model|text_model)\.({'|'.join(parts)})"
 
 
+def check_options(*, rank, alpha, dropout, targets) -> None:
+    """The LoRA options (ValueError naming the option), and that peft imports (ImportError naming
+    the extra); before anything is loaded or written. rank None: no LoRA, and then the other
+    options must keep their defaults (they would be silently unused)."""
+    if rank is None:
+        given = [name for name, value, default in (("--lora-alpha", alpha, None), ("--lora-dropout", dropout, 0.0),
+                                                     ("--lora-targets", tuple(targets), TARGETS)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --lora-rank (LoRA is off without it)")
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--lora-rank must be a positive integer, got {rank!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"--lora-dropout must lie in [0, 1), got {dropout!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"--lora-alpha must be a finite positive number, got {alpha!r}")
+    target_pattern(targets)
+    _peft()
+
+
 def apply_lora(model: nn.Module, *, rank: int, alpha: float | None = None, dropout: float = 0.0,
                targets=TARGETS) -> nn.Module:
     """peft.get_peft_model with LoRA of `rank` on `targets` (alpha default: rank, a scale of 1);
     the base weights are frozen, each adapter's B starts at zero (peft's default)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"--lora-rank must be a positive integer, got {rank!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"--lora-dropout must lie in [0, 1), got {dropout}")
-    alpha = rank if alpha is None else alpha
-    if alpha <= 0:
-        raise ValueError(f"--lora-alpha must be positive, got {alpha}")
+    check_options(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     peft = _peft()
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets),
-                             bias="none")
+    config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                             target_modules=target_pattern(targets), bias="none")
     return peft.get_peft_model(model, config)
 
 
@@ -70,35 +86,22 @@ def is_peft(model: nn.Module) -> bool:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with transformers' keys and every active LoRA delta added to
-    its base weight, as merge_and_unload would give, without changing `model`."""
-    base = model.get_base_model()
-    state, lora_layers = {}, {}
-    for name, module in base.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            lora_layers[name] = module
-        elif hasattr(module, "base_layer") and type(module).__module__.startswith("peft."):
-            raise ValueError(f"{name} is a {type(module).__name__} adapter layer; fastsiglip exports LoRA only: "
-                             "merge the model yourself (merge_and_unload) and fine-tune or save that")
-    for key, tensor in base.state_dict().items():
-        if ".lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = tensor.detach()
-    with torch.no_grad():
-        for name, layer in lora_layers.items():
-            if layer.merged:  # the deltas are in the base weight already
-                continue
-            weight = state[f"{name}.weight"].clone()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    weight += layer.get_delta_weight(adapter).to(weight.dtype)
-            state[f"{name}.weight"] = weight
-    return state
+    """The base model's state dict with transformers' keys and every active adapter merged in:
+    peft's own merge_and_unload on a copy (so DoRA, LoRA biases and modules_to_save merge as peft
+    merges them), `model` unchanged."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    return {key: tensor.detach() for key, tensor in merged.state_dict().items()}
 
 
 def save_adapter(model: nn.Module, folder: pathlib.Path, *, base: str) -> None:
     """peft's adapter files (adapter_config.json, adapter_model.safetensors) into `folder`, with
     transformers' module names and `base` as base_model_name_or_path."""
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = base
-    model.save_pretrained(str(folder))
+    configs = list(model.peft_config.values())
+    before = [config.base_model_name_or_path for config in configs]
+    try:
+        for config in configs:
+            config.base_model_name_or_path = base
+        model.save_pretrained(str(folder))
+    finally:  # the caller's model keeps its own
+        for config, name in zip(configs, before):
+            config.base_model_name_or_path = name

@@ -39,7 +39,13 @@ from torch import nn
 from .. import ops
 from .loss import distributed_sigmoid_loss
 
-LOGIT_PARAMS = ("model.logit_scale", "model.logit_bias")  # their names inside Towers
+def logit_param_names(towers: nn.Module) -> list[str]:
+    """The names, inside `towers`, of the model's logit_scale and logit_bias (found by identity:
+    inside a peft model they sit under base_model.model), which DDP must ignore: the step
+    averages their gradients itself (average_logit_grads)."""
+    model = towers.model
+    wanted = {id(model.logit_scale), id(model.logit_bias)}
+    return [name for name, p in towers.named_parameters(remove_duplicate=False) if id(p) in wanted]
 
 
 class Towers(nn.Module):
