@@ -2,7 +2,7 @@
 forward + backward, side by side.
 
     python bench/vlm.py [--towers so400m-224 so400m-448 so400m-896 smolvlm-512] [--batch N]
-                        [--dtype bf16] [--layers N] [--backward-only | --forward-only]
+                        [--dtype bf16] [--layers N] [--forward-only] [--rep N]
 
 Towers (random weights, transformers' classes built from configs):
 - so400m-<size>: PaliGemma 2 / Gemma 3's tower, SigLIP So400m/14 (SiglipVisionModel, hidden
@@ -16,7 +16,8 @@ installed), and fastsiglip.patch of the sdpa model. Every ratio is against trans
 
 On a CPU this times the reference path (fastsiglip's pure-PyTorch ops), and the rows say so:
 use --layers 2 --batch 2 there. Floors (FLOPs and bytes over the ceilings measured here) come
-with the GPU rows. Writes bench/results/vlm-<device>.json and .md.
+with the GPU rows. Writes bench/results/vlm-<device>.json and .md, again after each tower (a
+run cut short keeps the towers it finished).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--layers", type=int, help="fewer encoder layers (a quick run, e.g. on a CPU)")
     parser.add_argument("--forward-only", action="store_true")
-    parser.add_argument("--rep", type=int, default=20)
+    parser.add_argument("--rep", type=int, default=20, help="CUDA: milliseconds of timing (do_bench); CPU: a tenth as many calls")
     args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
@@ -166,8 +167,8 @@ def main():
         del found
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    write_results("vlm", rows, {"dtype": str(dtype).removeprefix("torch."), "path": path,
-                                "device_slug": device_slug()}, out_dir=args.out_dir)
+        write_results("vlm", rows, {"dtype": str(dtype).removeprefix("torch."), "path": path,
+                                    "device_slug": device_slug()}, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":

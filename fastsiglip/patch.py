@@ -29,6 +29,7 @@ transformers computes them. Tiles without padding run dense, with no mask at all
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -86,6 +87,8 @@ def _share_hooks(new: nn.Module, old: nn.Module) -> None:
                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
         if hasattr(old, name):
             object.__setattr__(new, name, getattr(old, name))
+    # Which kind of backward hook the module has (full or legacy): a flag beside the dict, not in it.
+    object.__setattr__(new, "_is_full_backward_hook", getattr(old, "_is_full_backward_hook", None))
     new.training = old.training
 
 
@@ -154,7 +157,10 @@ def _head(old: nn.Module, what: str) -> MultiheadAttentionPoolingHead:
 
 def _write_back(new: nn.Module, old: nn.Module) -> None:
     """Put the current children of a fastsiglip block (a LoRA layer peft added after the patch,
-    say) back into transformers' block it was built from, recursively."""
+    say) back into transformers' block it was built from, recursively, with its train/eval mode and
+    the kind of its backward hooks (registered on either since)."""
+    old.training = new.training
+    object.__setattr__(old, "_is_full_backward_hook", getattr(new, "_is_full_backward_hook", None))
     for name, child in new.named_children():
         if isinstance(child, (Attention, MLP, EncoderLayer, Encoder, MultiheadAttentionPoolingHead)):
             _write_back(child, getattr(old, name))
@@ -209,7 +215,7 @@ def _output(tower, a: dict, last, pooled, states, selection):
     return out if return_dict else out.to_tuple()
 
 
-def _bind(state: dict, args, kwargs) -> dict:
+def _bind(state: dict, config, args, kwargs) -> dict:
     """transformers' forward arguments by name (its positional order, recorded at patch time)."""
     names = state["positional"]
     if len(args) > len(names):
@@ -220,7 +226,8 @@ def _bind(state: dict, args, kwargs) -> dict:
         if name in bound:
             raise TypeError(f"{state['cls']}.forward got {name!r} both by position and by keyword")
         bound[name] = value
-    if bound.get("output_attentions"):
+    attentions = bound.get("output_attentions")
+    if attentions or (attentions is None and getattr(config, "output_attentions", False)):
         raise ValueError(f"output_attentions=True: the fastsiglip-patched {state['cls']} never forms the attention "
                          "matrix (FlashAttention-style kernels); fastsiglip.unpatch(model) first to get attention maps")
     if bound.get("pixel_values") is None:
@@ -230,7 +237,7 @@ def _bind(state: dict, args, kwargs) -> dict:
 
 def _run(tower, x, layout, selection):
     states = [] if selection is not None else None
-    x = tower.encoder(x, layout, states)
+    x = tower.encoder(x, layout, states).last_hidden_state
     return layer_norm(tower.post_layernorm, x), states
 
 
@@ -258,10 +265,12 @@ def _packable(tower) -> bool:
 def _siglip2_forward(tower, state, a):
     mask = a.get("pixel_attention_mask", a.get("attention_mask"))
     shapes = a.get("spatial_shapes")
-    if mask is None or shapes is None:
-        raise ValueError(f"{state['cls']}.forward needs pixel_attention_mask and spatial_shapes (the Siglip2 image "
-                         "processor returns them)")
+    if shapes is None:
+        raise ValueError(f"{state['cls']}.forward needs spatial_shapes (the Siglip2 image processor returns them, with "
+                         "pixel_attention_mask)")
     pixel_values = a["pixel_values"]
+    if mask is None:  # as transformers: no mask, every patch real
+        mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
     mask, shapes = mask.to(pixel_values.device), shapes.to(pixel_values.device)
     x = tower.embeddings(pixel_values, shapes)  # [B, N, C] (transformers' embeddings)
     selection = _hidden_state_selection(tower, state, a.get("output_hidden_states"))
@@ -310,12 +319,27 @@ _FORWARDS = {"siglip": _siglip_forward, "siglip2": _siglip2_forward, "idefics3":
 
 def _patched_forward(tower, *args, **kwargs):
     state = getattr(tower, _STATE)
-    bound = _bind(state, args, kwargs)
+    bound = _bind(state, tower.config, args, kwargs)
     bound.setdefault("return_dict", None)
-    if state["kernels"]:
+    # transformers' own tower forward runs under an output collector of its own: the output
+    # capturing hooks it installs on its layers (which the fastsiglip blocks share) then record
+    # into that, never into an outer model's. Here no collector is active (they do nothing), and
+    # hidden states are gathered by the encoder itself.
+    with _no_output_collector(), (contextlib.nullcontext() if state["kernels"] else ops.using("reference")):
         return _FORWARDS[state["family"]](tower, state, bound)
-    with ops.using("reference"):
-        return _FORWARDS[state["family"]](tower, state, bound)
+
+
+@contextlib.contextmanager
+def _no_output_collector():
+    collector = getattr(sys.modules.get("transformers.utils.output_capturing"), "_active_collector", None)
+    if collector is None or not hasattr(collector, "set"):
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +352,8 @@ def _towers(model: nn.Module):
     nested inside another."""
     found = []
     for path, module in model.named_modules():
-        family = FAMILIES.get(type(module).__name__)
+        # by the class or a base class (a subclass, FSDP2's FSDPSiglipVisionModel, ...)
+        family = next((FAMILIES[c.__name__] for c in type(module).__mro__ if c.__name__ in FAMILIES), None)
         if family is None or not (hasattr(module, "embeddings") and hasattr(module, "encoder")):
             continue
         if any(path.startswith(f"{p}.") for p, _, _ in found):
@@ -361,6 +386,9 @@ def patch(model: nn.Module, *, kernels: bool = True) -> nn.Module:
             done.append(what)
             continue
         try:
+            if "forward" in tower.__dict__ or any(hasattr(m, "_hf_hook") for m in tower.modules()):
+                raise PatchError("its forward is wrapped (accelerate's device_map / offload hooks, or another "
+                                 "patch); load the model onto one device without device_map, then patch")
             _check_device(tower, what)
             encoder = _encoder(tower.encoder, f"{what}.encoder")
             head = None

@@ -352,3 +352,76 @@ def test_forward_hooks_and_modules_as_in_transformers():
         torch.testing.assert_close(model(x).pooler_output, reference(x).pooler_output, atol=1e-5, rtol=0)
     assert seen == expected
     assert isinstance(model.head.attention, nn.MultiheadAttention)
+
+
+def test_a_model_run_before_the_patch_keeps_the_fused_path(monkeypatch, ignore_interpreter_noise):
+    """transformers installs its output-capturing hooks on the tower's layers the first time hidden
+    states are asked for (LLaVA always asks); they carry over to the patched blocks, must not
+    turn the fused path off, and must not record the tower's layers into the outer model's
+    hidden_states."""
+    reference = build("llava")
+    x = inputs("llava", reference)
+    with torch.no_grad():
+        want = reference(**x, output_hidden_states=True)
+    model = fastsiglip.patch(copy.deepcopy(reference))
+    tower = dict(model.named_modules())[fastsiglip.patched(model)[0]]
+    assert any(layer._forward_hooks for layer in tower.encoder.layers), "transformers' hooks came along"
+    assert all(layer.fusable() for layer in tower.encoder.layers)
+    with torch.no_grad():
+        got = model(**x, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for a, b in zip(want.hidden_states, got.hidden_states):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    monkeypatch.setenv("FASTSIGLIP_IMPL", "kernel")
+    with FastsiglipOps() as spy, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ignore_interpreter_noise()
+        model(**x)
+    layers = VISION["num_hidden_layers"]
+    assert spy.calls["mlp"] >= layers and spy.calls["layer_norm"] >= 2 * layers
+
+
+def test_full_backward_hooks_fire_and_unpatch_keeps_the_mode():
+    reference, model = _tower_pair()
+    fired = {"ref": 0, "ours": 0}
+    for name, m in (("ref", reference), ("ours", model)):
+        m.encoder.layers[1].mlp.fc1.register_full_backward_hook(lambda *a, name=name: fired.__setitem__(name, fired[name] + 1))
+        m(torch.randn(2, 3, 32, 32)).pooler_output.sum().backward()
+    assert fired == {"ref": 1, "ours": 1}
+    old_layers = list(model.encoder.__dict__["_modules"]["layers"])  # fastsiglip's blocks
+    model.train()  # patched in eval mode, trained since
+    fastsiglip.unpatch(model)
+    assert all(layer.training for layer in model.encoder.layers) and model.encoder.training
+    assert all(type(layer).__module__.startswith("transformers.") for layer in model.encoder.layers)
+    assert old_layers and all(type(layer).__module__ == "fastsiglip.layers" for layer in old_layers)
+
+
+def test_towers_it_must_not_take_over():
+    torch.manual_seed(0)
+    wrapped = T.SiglipVisionModel(T.SiglipVisionConfig(**VISION)).eval()
+    wrapped.encoder.layers[0]._hf_hook = object()  # as accelerate's device_map / offload leaves it
+    with pytest.warns(UserWarning, match="accelerate's device_map"):
+        fastsiglip.patch(wrapped)
+    assert fastsiglip.patched(wrapped) == []
+
+    class MyTower(T.SiglipVisionModel):  # a subclass (as FSDP2's wrapper classes are) is still a tower
+        pass
+
+    mine = MyTower(T.SiglipVisionConfig(**VISION)).eval()
+    assert fastsiglip.patched(fastsiglip.patch(mine)) == [""]
+    mine.config._attn_implementation = "eager"  # transformers allows output_attentions with eager attention only
+    mine.config.output_attentions = True  # read by transformers when the keyword is not given
+    with pytest.raises(ValueError, match="output_attentions"):
+        mine(torch.randn(1, 3, 32, 32))
+
+
+def test_siglip2_tower_without_a_mask_is_all_real():
+    reference, model = _tower_pair("siglip2")
+    pixels, shapes = torch.randn(2, 16, 192), torch.tensor([[4, 4], [2, 8]])
+    with torch.no_grad():
+        # pixel_attention_mask=None (as Siglip2Model.get_image_features passes it when not given)
+        want = reference(pixels, pixel_attention_mask=None, spatial_shapes=shapes)
+        got = model(pixels, pixel_attention_mask=None, spatial_shapes=shapes)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
