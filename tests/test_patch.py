@@ -425,3 +425,63 @@ def test_siglip2_tower_without_a_mask_is_all_real():
         got = model(pixels, pixel_attention_mask=None, spatial_shapes=shapes)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["paligemma", "idefics3"])
+def test_vision_gradients_through_the_kernels(kind, monkeypatch, fa_rule, ignore_interpreter_noise):
+    """A training step of the patched VLM on fastsiglip's kernels (the Triton interpreter on a
+    CPU), Idefics3 with a partly padded tile: the vision gradients against transformers' in
+    float64, within the FlashAttention rule (twice transformers' own float32 error)."""
+    reference = build(kind)
+    exact = copy.deepcopy(reference).double()
+    model = fastsiglip.patch(copy.deepcopy(reference))
+    x = inputs(kind, reference)
+    x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    _, want = _step(exact, x64)
+    _, torch_fp32 = _step(reference, x)
+    monkeypatch.setenv("FASTSIGLIP_IMPL", "kernel")
+    with FastsiglipOps() as spy, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ignore_interpreter_noise()
+        _, got = _step(model, x)
+    assert spy.calls["attention"] and spy.calls["mlp"] and spy.calls["layer_norm"]
+    assert got.keys() == want.keys() and got
+    for name in got:
+        fa_rule(name, got[name].double(), want[name], torch_fp32[name].double(), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 and real sizes)")
+@pytest.mark.parametrize("family", ["so400m", "idefics3"])
+def test_patched_tower_on_the_gpu_in_bfloat16(family, fa_rule):
+    """Real head sizes on the kernels: So400m's head dim 72 at 224 (PaliGemma 2 / Gemma 3), and
+    SmolVLM's B/16 tower with a half-padded tile; forward and vision gradients in bf16, within the
+    FlashAttention rule against float32 (twice transformers' own bf16 error)."""
+    torch.manual_seed(0)
+    if family == "so400m":
+        config = T.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2,
+                                      num_attention_heads=16, patch_size=14, image_size=224)
+        reference = T.SiglipVisionModel(config)
+        x = dict(pixel_values=torch.randn(4, 3, 224, 224))
+    else:
+        config = T.Idefics3VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+                                        num_attention_heads=12, patch_size=16, image_size=512)
+        reference = T.Idefics3VisionTransformer(config)
+        mask = torch.ones(4, 32, 32, dtype=torch.bool)
+        mask[1, :, 16:] = False
+        x = dict(pixel_values=torch.randn(4, 3, 512, 512), patch_attention_mask=mask)
+    reference = reference.cuda().eval()
+    x = {k: v.cuda() for k, v in x.items()}
+    runs = {}
+    for name, dtype, patched in (("fp32", torch.float32, False), ("torch_bf16", torch.bfloat16, False),
+                                 ("ours", torch.bfloat16, True)):
+        model = copy.deepcopy(reference).to(dtype)
+        if patched:
+            fastsiglip.patch(model)
+        inp = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+        out = model(**inp).last_hidden_state
+        out.float().square().mean().backward()
+        runs[name] = (out.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    fa_rule("last_hidden_state", runs["ours"][0], runs["fp32"][0], runs["torch_bf16"][0], atol=1e-3)
+    for n, g in runs["fp32"][1].items():
+        fa_rule(n, runs["ours"][1][n], g, runs["torch_bf16"][1][n], factor=3.0, atol=1e-4)

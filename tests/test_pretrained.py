@@ -28,6 +28,9 @@ def folders(tmp_path_factory):
             text_config=text, vision_config=dict(TOWER, patch_size=8, num_patches=16))),
         "vision": transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER, image_size=16,
                                                                                   patch_size=8)),
+        "text": transformers.SiglipTextModel(transformers.SiglipTextConfig(**text)),
+        "classifier": transformers.SiglipForImageClassification(transformers.SiglipConfig(
+            text_config=text, vision_config=dict(TOWER, image_size=16, patch_size=8), num_labels=3)),
     }
     for kind, model in models.items():
         out[kind] = tmp_path_factory.mktemp(kind)
@@ -37,7 +40,10 @@ def folders(tmp_path_factory):
 
 def inputs(kind, batch=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = {} if kind == "vision" else {"input_ids": torch.randint(0, VOCAB, (batch, TEXT_LEN), generator=gen)}
+    x = {} if kind in ("vision", "classifier") else {"input_ids": torch.randint(0, VOCAB, (batch, TEXT_LEN),
+                                                                                generator=gen)}
+    if kind == "text":
+        return x
     if kind == "naflex":
         shapes = torch.tensor([[2, 3], [4, 4]] * (batch // 2))
         x.update(pixel_values=torch.randn(batch, 16, 3 * 64, generator=gen), spatial_shapes=shapes,
@@ -47,10 +53,12 @@ def inputs(kind, batch=2, seed=0):
     return x
 
 
-HF_CLASSES = {"fixres": "SiglipModel", "naflex": "Siglip2Model", "vision": "SiglipVisionModel"}
+HF_CLASSES = {"fixres": "SiglipModel", "naflex": "Siglip2Model", "vision": "SiglipVisionModel",
+              "text": "SiglipTextModel", "classifier": "SiglipForImageClassification"}
+COMPARED = {"vision": ["pooler_output"], "text": ["pooler_output"], "classifier": ["logits"]}
 
 
-@pytest.mark.parametrize("kind", ["fixres", "naflex", "vision"])
+@pytest.mark.parametrize("kind", list(HF_CLASSES))
 def test_save_pretrained_loads_in_transformers(folders, kind, tmp_path):
     model = fastsiglip.load(folders[kind])
     with torch.no_grad():  # change the weights, so that the saved ones are not the source's
@@ -63,10 +71,16 @@ def test_save_pretrained_loads_in_transformers(folders, kind, tmp_path):
     x = inputs(kind)
     with torch.no_grad():
         expected, out, reloaded = hf(**x), model(**x), again(**x)
-    names = ["pooler_output"] if kind == "vision" else ["logits_per_image", "image_embeds", "text_embeds"]
+    names = COMPARED.get(kind, ["logits_per_image", "image_embeds", "text_embeds"])
     for name in names:
         torch.testing.assert_close(out[name], expected[name], atol=1e-5, rtol=0)
         assert torch.equal(reloaded[name], out[name])
+    with torch.no_grad():  # return_dict=False: transformers' tuple, field for field
+        as_tuple, hf_tuple = model(**x, return_dict=False), hf(**x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(hf_tuple)
+    for got, want in zip(as_tuple, hf_tuple):
+        if torch.is_tensor(want):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config == model.config.to_dict() | {"dtype": "float32"}
 
