@@ -400,8 +400,9 @@ def _save_safetensors(path, embeddings, meta):
 def _save_npy(path, embeddings, meta):
     """The rows (.npy) and their row -> key map (.npy.json), which .npy cannot hold: both written
     in full to temporary files first (a full disk fails here, changing nothing), then the data
-    renamed into place, then the metadata, so a crash between the two renames leaves a .json
-    that does not match its .npy (refused on --resume, never read as a valid output)."""
+    renamed into place, then the metadata. The previous .json goes first, so a crash between the
+    renames leaves a .npy without a .json (refused on --resume, never read as a valid output),
+    never a new .npy beside the old run's key map (which a run of as many rows would match)."""
     import numpy as np
 
     side = path.with_name(path.name + ".json")
@@ -415,6 +416,7 @@ def _save_npy(path, embeddings, meta):
             f.write(json.dumps(meta, indent=1))
             f.flush()
             os.fsync(f.fileno())
+        side.unlink(missing_ok=True)
         os.replace(data_tmp, path)
         os.replace(side_tmp, side)
         files.fsync_dir(path.parent)

@@ -140,6 +140,30 @@ def test_full_disk_keeps_previous_output_and_partial(siglip_checkpoint, tmp_path
     assert not (tmp_path / f"e{suffix}.partial").exists() and _tmp_files(tmp_path) == []
 
 
+def test_a_crash_between_the_npy_renames_never_pairs_new_rows_with_old_keys(siglip_checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):
+    """--overwrite with as many other images: a crash after the new .npy is in place but before its
+    .json leaves no .json (the old one, which would match the row count, is gone first) and the
+    .partial/, from which --resume finishes."""
+    first, second = _photos(tmp_path / "a", 2), _photos(tmp_path / "b", 2, start=5)
+    out = tmp_path / "e.npy"
+    assert _cli(siglip_checkpoint, "embed", *first, "--out", out, "--workers", 0) == 0
+    real = os.replace
+
+    def crash_at_the_json(src, dst):
+        if str(dst).endswith(".npy.json"):
+            raise OSError(errno.EIO, "simulated crash")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(api.os, "replace", crash_at_the_json)
+        assert _cli(siglip_checkpoint, "embed", *second, "--out", out, "--workers", 0, "--overwrite") == 2
+    capsys.readouterr()
+    assert out.is_file() and not (tmp_path / "e.npy.json").exists() and (tmp_path / "e.npy.partial").is_dir()
+    assert _cli(siglip_checkpoint, "embed", *second, "--out", out, "--workers", 0, "--resume") == 0  # from .partial/
+    assert api._read_output(out)[1]["paths"] == [str(p) for p in second]
+
+
 def test_full_disk_on_a_fresh_npy_leaves_neither_file(siglip_checkpoint, tmp_path, monkeypatch, capsys):
     images = _photos(tmp_path / "img", 2)
     out = tmp_path / "e.npy"
