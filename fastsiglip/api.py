@@ -472,6 +472,9 @@ def _check_same_job(what, meta: dict, identity: dict) -> None:
     if meta.get("inputs") != identity.get("inputs"):
         raise ValueError(f"{what} is a torchrun shard of another list of inputs: shards are resumed only over the "
                          "same inputs (others would move rows between shards); pass --overwrite or a new --out")
+    if "texts_sha256" in identity and "texts_sha256" not in meta:
+        raise ValueError(f"{what} was written by an earlier fastsiglip, which did not record the texts it embedded, "
+                         "so resuming it cannot be checked; pass --overwrite to embed the file again")
     if "texts_sha256" in identity and meta.get("texts_sha256") != identity["texts_sha256"]:
         raise ValueError(f"{what} was written from other texts (the file was edited or extended since: keys are line "
                          "or row numbers, so a changed file would give keys other texts); embed the new texts into "

@@ -43,6 +43,7 @@ one micro-batch at a time. Float32 copies of a whole batch never exist.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -589,26 +590,30 @@ def _identity(x):
     return x
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(worker_id: int, parent: int | None = None) -> None:
     """DataLoader workers ignore SIGINT / SIGTERM: a Ctrl-C or a scheduler's SIGTERM reaches the
     whole process group, and the training process must still get its batches while it finishes
     the step and saves a checkpoint. Workers end when the loader is closed or their parent dies:
     a worker blocked on a full pipe never looks at its parent (torch's watchdog runs between
     items only), so each also asks the kernel for SIGKILL when its parent dies (Linux), and a
-    thread checks the parent every second elsewhere."""
+    thread checks the parent every second elsewhere. `parent`: the loader's process id, read when
+    the loader was made (a parent that died before the worker started is caught too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    die_with_parent()
+    die_with_parent(parent)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent() -> None:
-    """This process is killed when its parent dies, however that parent dies (kill -9 included)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """This process is killed when its parent (pid `parent`, default: the current one) dies,
+    however that parent dies (kill -9 included)."""
     import threading
 
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
+    if os.getppid() != parent:  # gone already
+        os._exit(1)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -635,7 +640,8 @@ def loader(dataset, items, *, workers: int = 0, pin_memory: bool = False, timeou
     no global RNG. timeout: seconds to wait for one item from the workers before raising (0:
     forever)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=items, num_workers=workers,
-                                       pin_memory=pin_memory, collate_fn=_identity, worker_init_fn=_ignore_stop_signals,
+                                       pin_memory=pin_memory, collate_fn=_identity,
+                                       worker_init_fn=functools.partial(_ignore_stop_signals, parent=os.getpid()),
                                        generator=torch.Generator().manual_seed(0), timeout=timeout if workers else 0,
                                        persistent_workers=False, prefetch_factor=prefetch if workers else None)
 

@@ -376,13 +376,14 @@ def patch(model: nn.Module, *, kernels: bool = True) -> nn.Module:
     """Run every SigLIP-family vision tower of `model` on fastsiglip's blocks and ops, in place;
     returns `model`. kernels=False: the same blocks with the pure-PyTorch reference ops (eager
     debugging). A tower it cannot serve is left untouched, with one warning naming it; what was
-    patched is logged and listed by `patched(model)`. Patching twice is a no-op."""
+    patched is logged and listed by `patched(model)`. Patching again changes only `kernels`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastsiglip.patch takes a torch.nn.Module (a transformers model), got {type(model).__name__}")
     done = []
     for path, tower, family in _towers(model):
         what = path or type(tower).__name__
-        if hasattr(tower, _STATE):
+        if hasattr(tower, _STATE):  # patched already: only `kernels` may change
+            getattr(tower, _STATE)["kernels"] = bool(kernels)
             done.append(what)
             continue
         try:

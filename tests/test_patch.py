@@ -317,6 +317,30 @@ def test_patched_tower_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(x).pooler_output, reference(x).pooler_output, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["idefics3", "siglip2"])
+def test_padded_and_packed_towers_compile_without_graph_breaks(family):
+    """The data-dependent paths too: Idefics3 with a half-padded tile (varlen keys) and Siglip2
+    packed (cu_seqlens from the mask), fullgraph, against transformers eager."""
+    torch.manual_seed(0)
+    config = dict(VISION, image_size=32) if family == "idefics3" else \
+        dict({k: v for k, v in VISION.items() if k != "image_size"}, num_patches=16)
+    if family == "idefics3":
+        reference = T.Idefics3VisionTransformer(T.Idefics3VisionConfig(**config)).eval()
+        mask = torch.ones(2, 4, 4, dtype=torch.bool)
+        mask[1, :, 2:] = False
+        x = dict(pixel_values=torch.randn(2, 3, 32, 32), patch_attention_mask=mask)
+    else:
+        reference = T.Siglip2VisionModel(T.Siglip2VisionConfig(**config)).eval()
+        shapes = torch.tensor([[2, 3], [4, 4]])
+        x = dict(pixel_values=torch.randn(2, 16, 192), spatial_shapes=shapes,
+                 pixel_attention_mask=(torch.arange(16)[None] < shapes.prod(1)[:, None]).long())
+    compiled = torch.compile(fastsiglip.patch(copy.deepcopy(reference)), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(**x), reference(**x)
+    name = "last_hidden_state" if family == "idefics3" else "pooler_output"
+    torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0)
+
+
 def test_autocast_bfloat16():
     reference, model = _tower_pair()
     x = torch.randn(2, 3, 32, 32)
@@ -336,6 +360,11 @@ def test_kernels_false_runs_the_reference_ops(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(got, reference(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
                                    .pooler_output, atol=1e-5, rtol=0)
+    fastsiglip.patch(model)  # patching again with kernels=True switches the kernels on
+    with FastsiglipOps() as spy, torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        model(torch.randn(2, 3, 32, 32))
+    assert spy.calls["attention"]
 
 
 def test_forward_hooks_and_modules_as_in_transformers():

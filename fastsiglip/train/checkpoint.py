@@ -50,7 +50,7 @@ RUN_ENTRIES = (MARKER, METRICS_FILE, CHECKPOINTS, FINAL, "tensorboard")
 CHECKPOINT_FILES = (WEIGHTS_FILE, "optimizer.safetensors", "optimizer.json", "rng.safetensors", STATE_FILE)
 FINAL_FILES = (*HUB_FILES, ADAPTER)  # fnmatch patterns: what export_final writes into final/
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")  # peft's
-FORMAT = 1
+FORMAT = 2  # 2: data_position counts whole steps of distinct pairs (an epoch's tail unused)
 SHOWN = 5  # entries named in a refusal
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
