@@ -18,6 +18,7 @@ import fastsiglip
 
 transformers = pytest.importorskip("transformers")
 patch_module = importlib.import_module("fastsiglip.patch")
+from tests.test_modules import KernelCalls as FastsiglipOps  # noqa: E402 (counts torch.ops.fastsiglip calls)
 T = transformers
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=32,
               patch_size=8)  # head dim 64: the attention kernel takes it in the interpreter
@@ -90,15 +91,6 @@ def vision_params(model):
     return {n: p for n, p in tower.named_parameters()}
 
 
-class FastsiglipOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastsiglip":
-            self.calls[func._opname] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _step(model, x):

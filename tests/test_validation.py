@@ -171,7 +171,7 @@ def test_position_ids_outside_the_positions(siglip, bad):
                                    hf.get_text_features(input_ids=ids, position_ids=positions.flip(0)[None])
                                    .pooler_output, atol=ATOL, rtol=ATOL)
     positions[2] = bad
-    with pytest.raises(ValueError, match=rf"position_ids must be in \[0, 8\) \(the model's max_position_embeddings\)"):
+    with pytest.raises(ValueError, match=r"position_ids must be in \[0, 8\) \(the model's max_position_embeddings\)"):
         model.get_text_features(input_ids=ids, position_ids=positions)
     with pytest.raises(ValueError, match="position_ids must be integer"):
         model.get_text_features(input_ids=ids, position_ids=positions.float())
