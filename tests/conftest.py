@@ -6,11 +6,19 @@ be switched on before triton is first imported: that happens here, before any te
 
 import importlib.metadata
 import os
+import pathlib
 import re
+import sys
 import warnings
 
 import pytest
 import torch
+
+# `python -m pytest` puts the working folder first on sys.path; from the repository root its
+# kernels/ (fastsiglip's Triton kernels, installed as fastsiglip.kernels) would then shadow Hugging
+# Face's `kernels` package, which transformers imports. The tests import the installed package.
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or os.curdir).resolve() != _ROOT]
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
