@@ -21,13 +21,9 @@ from fastsiglip import files
 from fastsiglip.train import checkpoint as ckpt
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # for tests.test_train (last: kernels/ stays theirs)
-from tests.test_train import FAST, make_checkpoint, write_shapes  # noqa: E402
+from tests.test_train import FAST, write_shapes  # noqa: E402
 from tests.test_train import one_thread as one_thread  # noqa: E402 (autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def tiny(siglip_checkpoint, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), siglip_checkpoint)
+from tests.test_train import tiny as tiny  # noqa: E402 (fixture: the tiny checkpoint)
 
 
 @pytest.fixture(scope="module")
