@@ -485,7 +485,9 @@ def _one_line(error: BaseException) -> str:
     if WORKER_TRACEBACK in text:  # torch re-raises a DataLoader worker's error with its traceback in the message
         where, _, original = text.partition(WORKER_TRACEBACK)
         last = original.strip().splitlines()[-1] if original.strip() else ""
-        text = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last) + " (" + re.sub(r"^Caught \w+ ", "", where.strip()).rstrip(".") + ")"
+        error_line = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last)  # "fastsiglip.data.DataError: ..." -> "DataError: ..."
+        place = re.sub(r"^Caught \w+ ", "", where.strip()).rstrip(".")  # "in DataLoader worker process 1"
+        text = f"{error_line} ({place})"
     if isinstance(error, (KeyError, IndexError, TypeError, AttributeError, AssertionError)) or type(error) in (
             Exception, RuntimeError):
         text = f"{type(error).__name__}: {text}"

@@ -43,12 +43,18 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"\d+-.+")
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"\d+-(.+)")  # tmp_path's ".tmp-<pid>-<name>"
+
+
+def tmp_target(name: str) -> str | None:
+    """The name a temporary file or folder of ours stands in for (".tmp-123-e.npy" -> "e.npy"),
+    None for any other name (a user's ".tmp-notes")."""
+    m = _TMP_NAME.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def is_tmp(name: str) -> bool:
-    """Whether `name` is one of our temporary names (".tmp-<pid>-<name>"), not a user's ".tmp-notes"."""
-    return _TMP_NAME.fullmatch(name) is not None
+    return tmp_target(name) is not None
 
 
 def tmp_path(path: pathlib.Path) -> pathlib.Path:
@@ -74,9 +80,8 @@ def atomic_write(path, write) -> None:
 def remove_stale_tmp(folder, name: str) -> None:
     """Temporary files a killed process left for `folder/name` (another live process's are
     protected by the output lock, which the caller holds)."""
-    own = re.compile(re.escape(TMP_PREFIX) + r"\d+-" + re.escape(name))  # not ".tmp-<pid>-a-<name>" of a.<name>
     for stray in pathlib.Path(folder).glob(f"{TMP_PREFIX}*-{name}"):
-        if own.fullmatch(stray.name):
+        if tmp_target(stray.name) == name:  # not ".tmp-<pid>-a-<name>", the write of a-<name>
             with contextlib.suppress(OSError):
                 stray.unlink()
 

@@ -202,7 +202,8 @@ def _write_folder(final: pathlib.Path, fill) -> None:
     and the folder takes `final`'s place. An older `final` is first renamed aside (a crash
     between the two renames leaves it there as a `.tmp-*` folder, not half of a new one) and
     deleted after. A failed fill (a full disk) removes the temporary folder and leaves `final`."""
-    tmp, old = tmp_path(final), final.with_name(f"{tmp_path(final).name}-old")
+    tmp = tmp_path(final)
+    old = tmp.with_name(f"{tmp.name}-old")
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
