@@ -871,7 +871,7 @@ def test_lora_options_are_checked(tiny, shapes, tmp_path, monkeypatch):
 
     for kw, message in [(dict(lora_rank=2, lora_alpha=float("nan")), "--lora-alpha must be a finite positive"),
                         (dict(lora_rank=2, lora_dropout=1.0), r"--lora-dropout must lie in \[0, 1\)"),
-                        (dict(lora_alpha=8.0), "--lora-alpha need --lora-rank"),
+                        (dict(lora_alpha=8.0), "--lora-alpha needs --lora-rank"),
                         (dict(lora_dropout=0.1, lora_targets=("q_proj",)), "--lora-dropout, --lora-targets need")]:
         with pytest.raises(ValueError, match=message):
             fastsiglip.finetune(tiny, train=shapes["train"], out=tmp_path / "d", batch_size=8, steps=1, **kw, **FAST)

@@ -58,7 +58,8 @@ def check_options(*, rank, alpha, dropout, targets) -> None:
         given = [name for name, value, default in (("--lora-alpha", alpha, None), ("--lora-dropout", dropout, 0.0),
                                                      ("--lora-targets", tuple(targets), TARGETS)) if value != default]
         if given:
-            raise ValueError(f"{', '.join(given)} need --lora-rank (LoRA is off without it)")
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --lora-rank (LoRA is off "
+                             "without it)")
         return
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"--lora-rank must be a positive integer, got {rank!r}")
